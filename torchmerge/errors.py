@@ -1,0 +1,26 @@
+"""One exception hierarchy for every error torchmerge raises on bad input.
+
+Catch :class:`TorchMergeError` to catch them all; the subclasses also inherit the matching
+built-in (``ValueError``/``TypeError``) so generic handlers keep working.
+"""
+
+
+class TorchMergeError(Exception):
+    """Base class: the message names the module path, the fx node and the shapes involved."""
+
+
+class TraceError(TorchMergeError, TypeError):
+    """The model could not be traced with torch.fx (data-dependent control flow, untraceable op)."""
+
+
+class ShapeError(TorchMergeError, ValueError):
+    """Example inputs or tensors have shapes the model or the spec cannot accept."""
+
+
+class SpecError(TorchMergeError, ValueError):
+    """A permutation spec, or permutations given for it, do not fit the model."""
+
+
+class VerificationError(TorchMergeError):
+    """Permuting with the discovered spec changed the model's function (an op used in a way the
+    tracer could not see); the message names the spaces involved and how to freeze them."""
