@@ -1,0 +1,127 @@
+"""``discover``: trace a model, couple its axes, turn the result into a verified PermutationSpec."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .coupling import Walker
+from .errors import VerificationError
+from .layout import Atom
+from .spec import FrozenSpace, Group, PermutationSpec, permute
+from .trace import as_inputs, eval_mode, trace
+
+
+def discover(model: nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
+             verify: bool = True) -> PermutationSpec:
+    """Find every set of (parameter, axis) pairs that must share one permutation.
+
+    ``example_inputs``: a tensor or tuple of tensors shaped like one batch. ``leaf_modules``:
+    module classes or dotted paths to keep opaque (their spaces are frozen). With ``verify``
+    (default) the spec is checked by permuting a copy randomly and comparing outputs; a
+    mismatch raises :class:`VerificationError` naming the offending groups.
+
+    >>> import torch, torchmerge as tm
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+    ...                           torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+    >>> spec = tm.discover(net, torch.randn(2, 3, 6, 6))
+    >>> [(g.size, len(g.members)) for g in spec.groups.values()]
+    [(8, 7)]
+    """
+    gm = trace(model, example_inputs, leaf_modules, concrete_args)
+    walker = Walker(gm, model, leaf_modules)
+    walker.run()
+    spec = build_spec(walker)
+    if verify and spec.groups:
+        verify_spec(model, spec, example_inputs, concrete_args)
+    return spec
+
+
+def build_spec(walker: Walker) -> PermutationSpec:
+    """Name groups after their first member in graph order; freeze reasons become FrozenSpaces."""
+    spaces = walker.spaces
+    names: dict = {}
+    members: dict = {}
+    frozen: dict = {}
+    axes = {}
+
+    def expr(term, pname, axis, path):
+        r = spaces.resolve(term)
+        if isinstance(r, Atom):
+            if r.frozen is not None:
+                frozen.setdefault(id(r), (r, []))[1].append((pname, axis))
+                return ("fixed", r.size)
+            name = names.setdefault(id(r), f"{pname}:{axis}{path}")
+            members.setdefault(name, (r.size, []))[1].append((pname, axis))
+            return ("g", name, r.size)
+        if r.size == 1:
+            return ("fixed", 1)
+        parts = tuple(expr(t, pname, axis, f"{path}.{i}") for i, t in enumerate(r.terms))
+        if all(p[0] == "fixed" for p in parts):
+            return ("fixed", r.size)
+        return ("prod" if type(r).__name__ == "Prod" else "cat", parts, r.size)
+
+    for pname, terms in walker.params.items():
+        for axis, term in enumerate(terms):
+            e = expr(term, pname, axis, "")
+            if e[0] != "fixed":
+                axes[(pname, axis)] = e
+    groups = {n: Group(n, size, tuple(dict.fromkeys(m))) for n, (size, m) in members.items()}
+    frozen_spaces = tuple(
+        FrozenSpace(a.frozen.why, a.frozen.op, a.frozen.module_path, a.frozen.node, a.size,
+                    tuple(dict.fromkeys(m)))
+        for a, m in frozen.values())
+    unused = tuple(n for n in walker.canonical.values()
+                   if n not in walker.params and _get(walker.model, n).dim() > 0)
+    return PermutationSpec(groups, axes, frozen_spaces, unused)
+
+
+def _get(model, name):
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _outputs(model, inputs, concrete_args):
+    kwargs = {k: v for k, v in (concrete_args or {}).items() if not isinstance(v, type(...))}
+    with eval_mode(model):
+        return _flat_tensors(model(*inputs, **kwargs))
+
+
+def _flat_tensors(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+def _close(a: list, b: list) -> bool:
+    for x, y in zip(a, b):
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 5e-2
+        scale = x.abs().max().item() + 1e-12
+        if (x - y).abs().max().item() > tol * scale:
+            return False
+    return True
+
+
+def verify_spec(model: nn.Module, spec: PermutationSpec, example_inputs, concrete_args=None) -> None:
+    """Raise :class:`VerificationError` if a random permutation changes the model's outputs."""
+    inputs = as_inputs(example_inputs)
+    reference = _outputs(model, inputs, concrete_args)
+    perms = spec.random_perms(seed=0)
+    if _close(reference, _outputs(permute(model, spec, perms), inputs, concrete_args)):
+        return
+    bad = [n for n in spec.groups
+           if not _close(reference, _outputs(permute(model, spec, {n: perms[n]}), inputs, concrete_args))]
+    details = "; ".join(f"{n} (members {spec.groups[n].members[:4]})" for n in bad) or "a combination"
+    raise VerificationError(
+        f"permuting {type(model).__name__} with the discovered spec changed its outputs; groups: "
+        f"{details}. Some op uses these parameters in a way the trace could not see. What to do: "
+        "pass leaf_modules=(ModuleClass,) or ('module.path',) for the module that uses them, "
+        "so its spaces are frozen, and report the op to torchmerge.")
