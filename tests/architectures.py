@@ -600,6 +600,261 @@ class CumsumNet(nn.Module):
         return self.fc2(torch.cumsum(h, dim=1))
 
 
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's channels-first LayerNorm written with mean over dim 1 and w[:, None, None]."""
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.gamma = nn.Parameter(0.5 + torch.rand(dim))           # layer scale
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)                     # channels last
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, num_classes=5, dim=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, stride=4), LayerNorm2d(dim))
+        self.blocks = nn.Sequential(ConvNeXtBlock(dim), ConvNeXtBlock(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x.mean([-2, -1])))
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens=5, dim=16, tok_hidden=8, ch_hidden=32):
+        super().__init__()
+        self.ln1, self.tok = nn.LayerNorm(dim), Mlp(tokens, tok_hidden)
+        self.ln2, self.ch = nn.LayerNorm(dim), Mlp(dim, ch_hidden)
+
+    def forward(self, x):                                          # [B, T, C]
+        x = x + self.tok(self.ln1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.ch(self.ln2(x))
+
+
+class Mixer(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.embed, self.block = nn.Linear(6, 16), MixerBlock()
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.block(self.embed(x))).mean(dim=1))
+
+
+class FunctionalNet(nn.Module):
+    """Raw Parameters used through F.conv2d / F.linear (get_attr nodes, no modules)."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(0.2 * torch.randn(16, 3, 3, 3)), nn.Parameter(0.1 * torch.randn(16))
+        self.w2, self.b2 = nn.Parameter(0.2 * torch.randn(10, 16)), nn.Parameter(0.1 * torch.randn(10))
+        self.w3 = nn.Parameter(0.3 * torch.randn(num_classes, 10))
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1)).mean((2, 3))
+        return F.linear(F.relu(F.linear(x, self.w2, self.b2)), self.w3)
+
+
+class SharedLayerNet(nn.Module):
+    """One Linear applied twice: its input and output axes are forced into one space."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem, self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(self.fc(h))
+        return self.head(F.relu(self.fc(h)))
+
+
+class FusedSwiGLUNet(nn.Module):
+    """gate and up fused in one Linear, split with chunk, recombined by gate * up."""
+
+    def __init__(self, num_classes=4, dim=16, hidden=32):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, dim), nn.LayerNorm(dim)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.norm_f, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        a, b = self.gate_up(self.norm(x)).chunk(2, dim=-1)
+        x = x + self.down(F.silu(a) * b)
+        return self.head(self.norm_f(x))
+
+
+class TokenFlattenNet(nn.Module):
+    """[B, T, C] flattened to [B, T*C]: channels are the inner factor of the Linear's input."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(5 * 8, 10), nn.Linear(10, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x)).flatten(1)
+        return self.head(F.relu(self.fc2(h)))
+
+
+class InputResidualNet(nn.Module):
+    """h = x + f(x): f's output lives in the model-input space, which is fixed."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        h = x + F.relu(self.fc1(x))
+        return self.head(F.relu(self.fc2(h)))
+
+
+class StreamOutNet(nn.Module):
+    """Returns the residual stream itself (no head): the stream is a model output, fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.lns = nn.ModuleList(nn.LayerNorm(16) for _ in range(2))
+        self.mlps = nn.ModuleList(Mlp(16, 32) for _ in range(2))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for ln, mlp in zip(self.lns, self.mlps):
+            x = x + mlp(ln(x))
+        return x
+
+
+class TwoOutputsNet(nn.Module):
+    """Returns (logits, features): the feature space is an output, fixed."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.fc2(F.relu(self.fc1(x))))
+        return self.head(h), h
+
+
+class TiedHeadLM(nn.Module):
+    """GPT-style tying: lm_head is a Linear module whose weight IS the embedding's."""
+
+    def __init__(self, vocab=20, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lns = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.mlps = nn.ModuleList(Mlp(dim, 32) for _ in range(2))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for ln, mlp in zip(self.lns, self.mlps):
+            h = h + mlp(ln(h))
+        return self.lm_head(self.ln_f(h))
+
+
+class ChannelOpsNet(nn.Module):
+    """softmax over features (equivariant) and centring by the feature mean (invariant)."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 12), nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        h = F.softmax(self.fc1(x), dim=-1)
+        h = F.relu(self.fc2(h))
+        return self.head(h - h.mean(dim=1, keepdim=True))
+
+
+class ReshapeSumNet(nn.Module):
+    """view(B, 2, 8).sum(1) refines fc1's 16 into 2 x 8 (the 2 summed away); amax over features."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(8, 6), nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x)).view(x.shape[0], 2, 8).sum(1)
+        h = F.relu(self.fc2(h))
+        return self.head(h) + h.amax(dim=1, keepdim=True)
+
+
+class FlipNet(nn.Module):
+    """flip along features depends on their order: fc1's space must be frozen."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.fc0, self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 16), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(F.relu(self.fc0(x))))
+        return self.fc2(torch.flip(h, dims=[1]))
+
+
+class PixelShuffleNet(nn.Module):
+    """conv 16 -> PixelShuffle(2) -> 4 channels: the conv's output is (4 x 2 x 2), 2 x 2 spatial."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv1, self.shuffle = nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2)
+        self.conv2, self.fc = nn.Conv2d(4, 8, 3, padding=1), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(self.shuffle(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class RNNNet(nn.Module):
+    """nn.LSTM / nn.GRU are opaque leaves: whatever is discovered around them must stay safe."""
+
+    def __init__(self, rnn=nn.LSTM, num_classes=3):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.rnn = rnn(16, 12, batch_first=True)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        out = self.rnn(F.relu(self.embed(x)))[0]
+        return self.head(out[:, -1])
+
+
+class TorchEncoderNet(nn.Module):
+    """nn.TransformerEncoderLayer (opaque torch.nn module) between a Linear embed and a head."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
 # --------------------------------------------------------------------------- the table
 
 @dataclass(frozen=True)
@@ -607,8 +862,10 @@ class Case:
     name: str
     make_model: Callable[[], nn.Module]
     make_input: Callable[..., object]      # (batch=4, seed=0) -> Tensor or tuple
-    sizes: tuple                           # hand-derived multiset of group sizes
-    frozen: bool | None = False            # spec.frozen must be non-empty (True) / empty (False) / any (None)
+    sizes: tuple | None                    # hand-derived multiset of group sizes (None: not checked)
+    # non-routine frozen spaces (see invariants.notable_frozen): True = some, False = none,
+    # None = don't care, a tuple = exactly these sizes (axes that are rightly fixed and reported)
+    frozen: bool | tuple | None = False
     model_cls: type | None = field(default=None, compare=False)
 
     @property
@@ -620,7 +877,8 @@ class Case:
 
 
 def _case(name, cls, make_input, sizes, frozen=False, **kw):
-    return Case(name, _built(cls, **kw), make_input, tuple(sorted(sizes)), frozen, cls)
+    sizes = None if sizes is None else tuple(sorted(sizes))
+    return Case(name, _built(cls, **kw), make_input, sizes, frozen, cls)
 
 
 CASES = [
@@ -640,7 +898,8 @@ CASES = [
     # heads 2 (q,k,v shared), q/k d 8, v/proj-in d 8, mlp hidden 32.
     _case("vit", ViT, _images(3, 8), [16] + 2 * [2, 8, 8, 32]),
     # stream 16; per block (x2): heads 4, one d 4 shared by q,k,v (fused [3,h,d]), mlp 24.
-    _case("fused_qkv", TokenTransformer, _tensor(5, 6), [16] + 2 * [4, 4, 24],
+    # Reported frozen: the q/k/v role axis (size 3) of each block's qkv output, picked by qkv[0..2].
+    _case("fused_qkv", TokenTransformer, _tensor(5, 6), [16] + 2 * [4, 4, 24], frozen=(3, 3),
           attn_cls=FusedAttention, depth=2),
     # stream 16; one block: heads 2, q/k d 8, v d 8 (chunk => independent pieces), mlp 24.
     _case("chunk_qkv", TokenTransformer, _tensor(5, 6), [16, 2, 8, 8, 24],
@@ -661,7 +920,8 @@ CASES = [
     # conv1 8 under GN(2,8) -> 2 x 4; conv2 16 under GN(4,16) -> 4 x 4; conv3 8 under GN(8,8) -> 8 x 1.
     _case("groupnorm", GroupNormNet, _images(3, 8), [2, 4, 4, 4, 8]),
     # embedding dim 16 = stream (emb, pos, LNs, fc2 outs, tied logits' reduction axis); hidden 32 x2.
-    _case("tied_lm", TiedLM, _ids(20, 6), [16, 32, 32]),
+    # Reported frozen: pos's token axis (max_len 8), sliced to the sequence length.
+    _case("tied_lm", TiedLM, _ids(20, 6), [16, 32, 32], frozen=(8,)),
     # stream 16 (embed, LNs, MHA in/out embedding axis, fc2); mlp hidden 32. MHA heads stay opaque.
     _case("mha_block", MHABlockNet, _tensor(5, 6), [16, 32], frozen=None),
     # stream 16; groups=3 conv on width 12: conv-group index 3 (shared by its input and output),
@@ -675,7 +935,45 @@ CASES = [
     _case("squeeze_excite", SENet, _images(3, 8), [16, 4, 8]),
     # fc0 12; fc1's 16 feeds cumsum over features -> frozen (reported), not a group.
     _case("frozen_cumsum", CumsumNet, _tensor(8), [12], frozen=True),
+    # stream 16 (stem conv, LayerNorm2d, depthwise convs, LNs, pwconv2 outs, gamma, final norm);
+    # pwconv hidden 32 per block.
+    _case("convnext", ConvNeXt, _images(3, 8), [16, 32, 32]),
+    # stream 16; token-mixing hidden 8 (token axis itself is the input's, fixed); channel hidden 32.
+    _case("mlp_mixer", Mixer, _tensor(5, 6), [16, 8, 32]),
+    # conv 16 (w1 rows, b1, w2 cols); linear 10 (w2 rows, b2, w3 cols).
+    _case("functional_params", FunctionalNet, _images(3, 8), [16, 10]),
+    # stem out = fc in = fc out (fc applied to its own output): one group of 16.
+    _case("shared_layer", SharedLayerNet, _tensor(8), [16]),
+    # stream 16; gate_up output = cat(A, A) with the same 32-group on both halves (a * b merges).
+    _case("fused_swiglu", FusedSwiGLUNet, _tensor(5, 8), [16, 32]),
+    # fc1 8 (inner factor of fc2's 40 inputs, tokens fixed), fc2 10.
+    _case("token_flatten", TokenFlattenNet, _tensor(5, 6), [8, 10]),
+    # fc1's output is added to the model input: fixed; only fc2 (12) is a group.
+    _case("input_residual", InputResidualNet, _tensor(8), [12]),
+    # the stream is returned: fixed; mlp hiddens 32, 32.
+    _case("stream_output", StreamOutNet, _tensor(5, 6), [32, 32]),
+    # fc2's 12 features are returned: fixed; fc1 16.
+    _case("two_outputs", TwoOutputsNet, _tensor(8), [16]),
+    # as tied_lm, with the tie through lm_head.weight = emb.weight: dim 16, hiddens 32, 32.
+    _case("tied_head_lm", TiedHeadLM, _ids(20, 6), [16, 32, 32]),
+    # softmax over features is an activation (equivariant), mean over features is invariant: 16, 12.
+    _case("channel_ops", ChannelOpsNet, _tensor(8), [16, 12]),
+    # fc1 16 viewed as (2, 8): factor 2 (summed out) and factor 8 (= fc2's input); fc2 6 (amax
+    # over features is invariant).
+    _case("reshape_sum", ReshapeSumNet, _tensor(8), [2, 8, 6]),
+    # fc0 12; fc1's 16 feeds flip over features -> frozen (reported).
+    _case("frozen_flip", FlipNet, _tensor(8), [12], frozen=True),
+    # conv1 16 = (4 channels x 2 x 2 sub-pixels): the 4 is a group (= conv2's input); conv2 8.
+    _case("pixel_shuffle", PixelShuffleNet, _images(3, 4), [4, 8]),
+]
+
+# Models whose group count is the implementation's choice (opaque torch.nn containers): only the
+# safety invariants are checked (sizes=None skips the count).
+SAFETY_ONLY = [
+    _case("lstm", RNNNet, _tensor(5, 6), None, frozen=None, rnn=nn.LSTM),
+    _case("gru", RNNNet, _tensor(5, 6), None, frozen=None, rnn=nn.GRU),
+    _case("torch_encoder_layer", TorchEncoderNet, _tensor(5, 6), None, frozen=None),
 ]
 
 CASE_IDS = [c.name for c in CASES]
-BY_NAME = {c.name: c for c in CASES}
+BY_NAME = {c.name: c for c in CASES + SAFETY_ONLY}

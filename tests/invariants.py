@@ -84,6 +84,24 @@ def _row_multiset(t: torch.Tensor, axis: int) -> list:
 
 # --------------------------------------------------------------------------- spec checks
 
+def _is_cat(expr) -> bool:
+    return isinstance(expr, tuple) and (expr[0] == "cat" or (
+        expr[0] == "prod" and any(_is_cat(e) for e in expr[1])))
+
+
+def _mentions(expr, gname) -> bool:
+    if expr[0] == "g":
+        return expr[1] == gname
+    return expr[0] in ("prod", "cat") and any(_mentions(e, gname) for e in expr[1])
+
+
+def notable_frozen(spec) -> list:
+    """Frozen spaces other than the routine ones every model has (model input/output axes,
+    spatial axes, kernel positions, vocabulary rows)."""
+    from torchmerge.spec import ROUTINE
+    return [f for f in spec.frozen if f.reason not in ROUTINE]
+
+
 def check_spec(spec, model: nn.Module):
     """Groups are named, of size > 1, and every member is a real tensor axis that fits the size."""
     named = tensors(model)
@@ -97,9 +115,15 @@ def check_spec(spec, model: nn.Module):
             assert name in named, f"group {gname}: member {name!r} is not a parameter/buffer"
             t = named[name]
             assert -t.dim() <= axis < t.dim(), f"group {gname}: {name} has no axis {axis} (shape {tuple(t.shape)})"
+            if _is_cat(getattr(spec, "axes", {}).get((name, axis))):
+                # torch.cat / split: the axis is a concatenation of blocks of several groups
+                # (DenseNet); divisibility holds per block, not for the whole axis.
+                assert _mentions(spec.axes[(name, axis)], gname), f"{gname} not in axis expr of {name}"
+                assert spec.axes[(name, axis)][-1] == t.shape[axis], f"{name}: axis expr size mismatch"
+                continue
             assert t.shape[axis] % g.size == 0, (
                 f"group {gname} (size {g.size}): member {name} axis {axis} has size {t.shape[axis]}")
-    assert isinstance(spec.frozen, list)
+    assert isinstance(spec.frozen, (list, tuple))
     for f in spec.frozen:
         for attr in ("reason", "op", "module_path", "node", "size", "members"):
             assert hasattr(f, attr), f"FrozenSpace lacks {attr}: {f!r}"
