@@ -62,14 +62,12 @@ class Ctx:
         return self.spaces.atom(size, frozen=self.reason(why))
 
     def fixed_like(self, shape, why="axis not derived from parameters"):
-        """Frozen layout for an output of ``shape`` (tensor shape tuple or nested tuples)."""
-        if shape is None:
-            return None
-        if shape and all(isinstance(s, int) for s in shape):
+        """Frozen value for an output of ``shape`` (a tensor shape tuple, or a list for containers)."""
+        if isinstance(shape, tuple):
             return [self.fixed(s, why) for s in shape]
-        if isinstance(shape, (tuple, list)) and all(isinstance(s, (tuple, list)) or s is None for s in shape):
+        if isinstance(shape, list):
             return tuple(self.fixed_like(s, why) for s in shape)
-        return [] if shape == () else None
+        return None
 
     def param(self, qualname: str) -> list:
         return self.w.param_layout(qualname)
@@ -154,7 +152,7 @@ def _fits(spaces, value, shape) -> bool:
     if isinstance(value, list):
         return isinstance(shape, tuple) and len(shape) == len(value) and all(
             spaces.resolve(t).size == s for t, s in zip(value, shape))
-    return isinstance(shape, (tuple, list)) and len(shape) == len(value) and all(
+    return isinstance(shape, list) and len(shape) == len(value) and all(
         _fits(spaces, v, s) for v, s in zip(value, shape))
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from .coupling import Walker
 from .errors import VerificationError
 from .layout import Atom
-from .spec import FrozenSpace, Group, PermutationSpec, permute
+from .spec import FrozenSpace, Group, PermutationSpec, Probe, _names, permute
 from .trace import as_inputs, eval_mode, trace
 
 
@@ -32,7 +32,7 @@ def discover(model: nn.Module, example_inputs, *, leaf_modules=(), concrete_args
     walker.run()
     spec = build_spec(walker)
     if verify and spec.groups:
-        verify_spec(model, spec, example_inputs, concrete_args)
+        verify_spec(model, spec, example_inputs, concrete_args, gm.meta.get("example_outputs"))
     return spec
 
 
@@ -47,6 +47,9 @@ def build_spec(walker: Walker) -> PermutationSpec:
     def expr(term, pname, axis, path):
         r = spaces.resolve(term)
         if isinstance(r, Atom):
+            if not pname:  # describing an activation: no members to record
+                name = names.get(id(r))
+                return ("fixed", r.size) if r.frozen is not None or name is None else ("g", name, r.size)
             if r.frozen is not None:
                 frozen.setdefault(id(r), (r, []))[1].append((pname, axis))
                 return ("fixed", r.size)
@@ -72,7 +75,27 @@ def build_spec(walker: Walker) -> PermutationSpec:
         for a, m in frozen.values())
     unused = tuple(n for n in walker.canonical.values()
                    if n not in walker.params and _get(walker.model, n).dim() > 0)
-    return PermutationSpec(groups, axes, frozen_spaces, unused)
+    probes = _probes(walker, lambda t: expr(t, "", 0, ""), groups)
+    return PermutationSpec(groups, axes, frozen_spaces, unused, probes)
+
+
+def _probes(walker: Walker, expr, groups) -> dict:
+    """Module outputs where each group can be observed (for activation statistics)."""
+    calls: dict = {}
+    for node in walker.gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    probes: dict = {}
+    for path, nodes in calls.items():
+        value = walker.env.get(nodes[0])
+        if len(nodes) > 1 or not isinstance(value, list):
+            continue  # a module called twice would mix two spaces in one hook
+        for axis, term in enumerate(value):
+            e = expr(term)
+            for name in _names(e):
+                if name in groups:
+                    probes.setdefault(name, []).append(Probe(path, axis - len(value), e))
+    return {name: tuple(p) for name, p in probes.items()}
 
 
 def _get(model, name):
@@ -110,10 +133,14 @@ def _close(a: list, b: list) -> bool:
     return True
 
 
-def verify_spec(model: nn.Module, spec: PermutationSpec, example_inputs, concrete_args=None) -> None:
+def verify_spec(model: nn.Module, spec: PermutationSpec, example_inputs, concrete_args=None,
+                reference_outputs=None) -> None:
     """Raise :class:`VerificationError` if a random permutation changes the model's outputs."""
     inputs = as_inputs(example_inputs)
-    reference = _outputs(model, inputs, concrete_args)
+    if reference_outputs is None:
+        reference = _outputs(model, inputs, concrete_args)
+    else:
+        reference = _flat_tensors(reference_outputs)
     perms = spec.random_perms(seed=0)
     if _close(reference, _outputs(permute(model, spec, perms), inputs, concrete_args)):
         return

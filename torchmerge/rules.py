@@ -92,7 +92,7 @@ def passthrough(c: Ctx, x, *args, **kwargs):
 def elementwise(c: Ctx, *args, **kwargs):
     tensors = [c.val(a) for a in list(args) + list(kwargs.values())]
     tensors = [t for t in tensors if isinstance(t, list)]
-    if isinstance(c.out_shape, tuple) and all(isinstance(s, int) for s in c.out_shape):
+    if isinstance(c.out_shape, tuple):
         return broadcast(c, tensors, c.out_shape)
     unsupported("element-wise op with a non-tensor output")
 
@@ -111,7 +111,7 @@ def _reduce(c: Ctx, x, dims, lazy_why=None):
     nd = len(X)
     dims = range(nd) if dims is None else ([dims] if isinstance(dims, int) else dims)
     dims = {_dim(d, nd) for d in dims}
-    out_shape = c.out_shape if isinstance(c.out_shape[0] if c.out_shape else 0, int) else c.out_shape[0]
+    out_shape = c.out_shape[0] if isinstance(c.out_shape, list) else c.out_shape
     keep = len(out_shape) == nd
     out = [UNIT if i in dims else X[i] for i in range(nd) if keep or i not in dims]
     return out
@@ -154,7 +154,7 @@ def along_dim_order(c: Ctx, x, dim=None, *args, **kwargs):
     X = _tensor_arg(c, x)
     dim = kwargs.get("dim", dim if isinstance(dim, int) else -1)
     c.freeze([X[_dim(dim, len(X))]], "op depends on the order along this axis")
-    if isinstance(c.out_shape, tuple) and c.out_shape and isinstance(c.out_shape[0], tuple):
+    if isinstance(c.out_shape, list):
         return c.fixed_like(c.out_shape)
     return X
 
@@ -429,7 +429,7 @@ def embedding_core(c: Ctx, ids, W):
 
 def spatial_core(c: Ctx, X, n_spatial: int):
     """Pooling / upsampling: leading (batch, channel) axes pass through, spatial axes are fixed."""
-    if isinstance(c.out_shape[0], tuple):
+    if isinstance(c.out_shape, list):
         unsupported("pooling that returns indices")
     n_spatial = min(n_spatial, len(X) - 1)
     lead = X[: len(X) - n_spatial]
@@ -499,6 +499,21 @@ def _m_flatten(c, m, path, x, *a, **k):
     return reshape(c, x)
 
 
+def _m_pixel_shuffle(c, m, path, x, *a, **k):
+    """PixelShuffle: channels (C·r·r) -> C with r x r sub-pixels moved into space (and back)."""
+    X = _tensor_arg(c, x)
+    ch = len(X) - 3
+    if isinstance(m, nn.PixelShuffle):
+        r = m.upscale_factor
+        sub = (c.fixed(r, "sub-pixel position"), c.fixed(r, "sub-pixel position"))
+        out_ch = c.spaces.atom(c.out_shape[ch])
+        c.unify(X[ch], Prod((out_ch,) + sub), "pixel shuffle channels")
+    else:
+        r = m.downscale_factor
+        out_ch = Prod((X[ch], c.fixed(r, "sub-pixel position"), c.fixed(r, "sub-pixel position")))
+    return X[:ch] + [out_ch] + [c.fixed(s, "spatial axis") for s in c.out_shape[ch + 1:]]
+
+
 def _m_mha(c, m, path, query, key, value, *a, **k):
     """nn.MultiheadAttention: internals frozen, its input and output spaces join their neighbours."""
     if not m._qkv_same_embed_dim or m.bias_k is not None:
@@ -508,7 +523,9 @@ def _m_mha(c, m, path, query, key, value, *a, **k):
     Q = _tensor_arg(c, query)
     for t in (query, key, value):
         c.unify(_tensor_arg(c, t)[-1], W_in[1], "attention input embedding")
-    c.freeze([W_in[0], W_out[1]] + ([b_in[0]] if b_in else []), "nn.MultiheadAttention internals (heads)")
+    if b_in is not None:
+        c.unify(W_in[0], b_in[0], "attention input bias")
+    c.freeze([W_in[0], W_out[1]], "nn.MultiheadAttention internals (heads)")
     if b_out is not None:
         c.unify(W_out[0], b_out[0], "attention output bias")
     out = Q[:-1] + [W_out[0]]
@@ -543,6 +560,7 @@ MODULE_RULES = [
     ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), _m_upsample),
     ((nn.Flatten, nn.Unflatten), _m_flatten),
     ((nn.MultiheadAttention,), _m_mha),
+    ((nn.PixelShuffle, nn.PixelUnshuffle), _m_pixel_shuffle),
 ]
 
 
@@ -708,7 +726,7 @@ def fx_values(c: Ctx, args) -> list:
 
 
 def _get_attr(c: Ctx, target: str):
-    if c.out_shape is None or not isinstance(c.out_shape, tuple):
+    if not isinstance(c.out_shape, tuple):
         return None
     try:
         tensor = _lookup(c.w.model, target)

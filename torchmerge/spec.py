@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,15 @@ class FrozenSpace:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A module output where a group is visible: ``axis`` (negative, from the end) has ``expr``."""
+
+    module_path: str
+    axis: int
+    expr: tuple
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
     """Result of :func:`torchmerge.discover`; see the module docstring for the axis expressions."""
 
@@ -55,6 +65,48 @@ class PermutationSpec:
     axes: dict  # (param name, axis) -> expression
     frozen: tuple = ()
     unused: tuple = field(default=())  # parameters the trace never touched (left as they are)
+    probes: dict = field(default_factory=dict)  # group -> module outputs where it is observable
+
+    @property
+    def heads(self) -> tuple:
+        """Parameters touching the model's output axes (task heads): never matched or merged."""
+        names = [p for f in self.frozen if f.reason == "model output" for p, _ in f.members]
+        return tuple(dict.fromkeys(names))
+
+    def members_of(self, group: str) -> list:
+        """(param, axis, expr) for every axis on which ``group`` acts."""
+        return [(p, a, e) for (p, a), e in self.axes.items() if group in _names(e)]
+
+    def positions(self, expr, group: str, perms: dict):
+        """Indices along an axis for each element of ``group``: LongTensor [group size, k].
+
+        Row i lists the axis positions that element i of the group occupies (the other factors
+        of a product permuted by ``perms``); ``None`` if the group is not on this axis.
+        """
+        kind = expr[0]
+        if kind == "g":
+            return torch.arange(expr[2])[:, None] if expr[1] == group else None
+        if kind == "fixed":
+            return None
+        offset = 0
+        for j, part in enumerate(expr[1]):
+            inner = self.positions(part, group, perms)
+            if inner is not None:
+                break
+            offset += part[-1]
+        else:
+            return None
+        if kind == "cat":
+            return inner + offset
+        parts = expr[1]
+        before = math.prod(p[-1] for p in parts[:j])
+        after = math.prod(p[-1] for p in parts[j + 1:])
+        lead = self.index(("prod", parts[:j], before), perms)
+        tail = self.index(("prod", parts[j + 1:], after), perms)
+        # position = lead * (this part's size * after) + inner * after + tail, for every combination
+        pos = (lead[None, :, None, None] * (part[-1] * after) + inner[:, None, :, None] * after
+               + tail[None, None, None, :])
+        return pos.reshape(inner.shape[0], -1)
 
     def random_perms(self, seed: int = 0) -> dict:
         """A uniformly random permutation for every group, reproducible from ``seed``."""
@@ -76,6 +128,8 @@ class PermutationSpec:
         if kind == "cat":
             offsets = torch.tensor([0] + [e[-1] for e in expr[1]]).cumsum(0)
             return torch.cat([p + o for p, o in zip(parts, offsets)])
+        if not parts:
+            return torch.zeros(1, dtype=torch.long)
         idx = parts[0]
         for e, p in zip(expr[1][1:], parts[1:]):
             idx = (idx[:, None] * e[-1] + p[None, :]).reshape(-1)
@@ -121,8 +175,15 @@ class PermutationSpec:
     __repr__ = __str__
 
 
+# Positional axes every such model has; reported in one line by __str__.
 ROUTINE = frozenset({"model input", "model output", "spatial axis", "convolution kernel positions",
-                     "embedding rows are indexed by input ids"})
+                     "embedding rows are indexed by input ids", "sub-pixel position", "stack index"})
+
+
+def _names(e) -> list:
+    if e[0] == "g":
+        return [e[1]]
+    return [] if e[0] == "fixed" else [n for part in e[1] for n in _names(part)]
 
 
 def _members(members, limit=4) -> str:
@@ -132,6 +193,8 @@ def _members(members, limit=4) -> str:
 
 def permute_state_dict(state: dict, spec: PermutationSpec, perms: dict) -> dict:
     """Permuted copy of a state dict (tensors re-indexed along every spec'd axis)."""
+    if not isinstance(spec, PermutationSpec):
+        raise SpecError(f"expected a PermutationSpec from tm.discover, got {type(spec).__name__}")
     perms = spec.check_perms(perms)
     out = dict(state)
     for (name, axis), expr in spec.axes.items():
@@ -157,16 +220,22 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: dict) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise SpecError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(spec, PermutationSpec):
+        raise SpecError(f"expected a PermutationSpec from tm.discover, got {type(spec).__name__}")
     perms = spec.check_perms(perms)
-    twin = copy.deepcopy(model)
-    tensors = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    permuted: dict = {}
     for (name, axis), expr in spec.axes.items():
         if name not in tensors:
             raise SpecError(f"spec member {name!r} is not a parameter or buffer of "
                             f"{type(model).__name__}; discover the spec on this model")
-        t = tensors[name]
+        t = permuted.get(name, tensors[name].detach())
         if t.shape[axis] != expr[-1]:
             raise SpecError(f"{name} has size {t.shape[axis]} on axis {axis}, spec expects {expr[-1]}")
-        with torch.no_grad():
-            t.copy_(t.index_select(axis, spec.index(expr, perms).to(t.device)))
-    return twin
+        permuted[name] = t.index_select(axis, spec.index(expr, perms).to(t.device))
+    # deepcopy with the permuted tensors pre-seeded in its memo: each tensor is copied once
+    memo = {}
+    for name, t in permuted.items():
+        orig = tensors[name]
+        memo[id(orig)] = nn.Parameter(t, orig.requires_grad) if isinstance(orig, nn.Parameter) else t
+    return copy.deepcopy(model, memo)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.fx as fx
@@ -72,6 +73,12 @@ def trace(model: nn.Module, example_inputs, leaf_modules=(), concrete_args=None)
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
+    try:
+        inspect.signature(model.forward).bind(*inputs, **(concrete_args or {}))
+    except TypeError as e:
+        raise ShapeError(f"{len(inputs)} example input(s) do not fit {type(model).__name__}.forward"
+                         f"{inspect.signature(model.forward)}: {e}. Pass one tensor per tensor "
+                         "argument, as a tuple.") from e
     tracer = _Tracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -85,7 +92,7 @@ def trace(model: nn.Module, example_inputs, leaf_modules=(), concrete_args=None)
             "(its channels are then frozen), or fix Python-level flags with concrete_args={...}."
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _ShapeRecorder(gm).run_all(inputs)
+    gm.meta["example_outputs"] = _ShapeRecorder(gm).run_all(inputs)
     return gm
 
 
@@ -103,12 +110,13 @@ def eval_mode(model: nn.Module):
 
 
 def _shapes(x):
+    """Tensor -> its shape (a tuple); tuple/list/dict of values -> a *list* of those; else None."""
     if isinstance(x, torch.Tensor):
         return tuple(x.shape)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_shapes(v) for v in x)
+    if isinstance(x, (tuple, list)) and not isinstance(x, torch.Size):
+        return [_shapes(v) for v in x]
     if isinstance(x, dict):
-        return {k: _shapes(v) for k, v in x.items()}
+        return [_shapes(v) for v in x.values()]
     return None
 
 
@@ -117,7 +125,7 @@ class _ShapeRecorder(fx.Interpreter):
 
     def run_all(self, inputs):
         with eval_mode(self.module):
-            self.run(*inputs)
+            return self.run(*inputs)
 
     def run_node(self, n: fx.Node):
         try:

@@ -1,0 +1,238 @@
+"""Align experts by permutation: Git Re-Basin weight matching and activation matching.
+
+Both methods maximise a sum of per-group linear objectives by coordinate ascent: visit the groups
+in a seeded random order, build the group's score matrix ``A[i, j]`` (how well element ``i`` of the
+reference matches element ``j`` of the other model, with every other group's current permutation
+applied) and solve the linear assignment problem. A group whose neighbours did not change since
+its last solve is skipped: its answer would be the same. Task heads never take part.
+
+>>> import torch, torchmerge as tm
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+>>> spec = tm.discover(net, torch.randn(2, 4))
+>>> shuffled = tm.permute(net, spec, spec.random_perms(seed=5))
+>>> perms = tm.align(net, shuffled, spec)
+>>> torch.equal(tm.permute(shuffled, spec, perms)[0].weight, net[0].weight)
+True
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .errors import TorchMergeError
+from .spec import PermutationSpec, _names
+
+
+@dataclass
+class AlignResult:
+    """Permutations for the other model, the objective after each sweep, and per-group sources."""
+
+    perms: dict
+    objective: list = field(default_factory=list)
+    sweeps: int = 0
+    sources: dict = field(default_factory=dict)  # group -> "weight" | "activation"
+
+
+def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method: str = "weight",
+          data=None, *, max_iter: int = 100, seed: int = 0, exclude=None, max_batches=None,
+          probes_per_group: int = 4, return_result: bool = False):
+    """Permutations that bring ``other`` into ``reference``'s unit order (apply with ``tm.permute``).
+
+    ``method="weight"``: Git Re-Basin weight matching (Ainsworth et al. 2022). ``"activation"``:
+    match the Pearson correlation of activations over ``data`` (an iterable of batches) at module
+    outputs where each group is visible; groups visible nowhere fall back to weights.
+    ``exclude``: parameter names left out of matching (default: the task heads, ``spec.heads``).
+    """
+    ref_state, other_state = _shared_states(reference, other, spec, exclude)
+    if method == "weight":
+        scorers = {}
+    elif method == "activation":
+        if data is None:
+            raise TorchMergeError("align(method='activation') needs data=<iterable of batches> that "
+                                  "both models accept; use method='weight' to align without data")
+        scorers = _activation_scorers(reference, other, spec, data, max_batches, probes_per_group)
+    else:
+        raise TorchMergeError(f"unknown alignment method {method!r}; valid: 'weight', 'activation'")
+    result = _Matcher(spec, ref_state, other_state, scorers).run(max_iter, seed)
+    return result if return_result else result.perms
+
+
+def align_many(experts, spec: PermutationSpec, reference: int = 0, bases=None, **kwargs) -> list:
+    """Permutations aligning every expert to ``experts[reference]`` (identity for the reference).
+
+    With ``bases`` (one base module per expert, the init or pretraining it descends from), the
+    distinct bases are aligned to the reference's base and each expert takes its base's
+    permutation — how Sharma et al. (2024) align non-local experts.
+    """
+    experts = list(experts)
+    if not 0 <= reference < len(experts):
+        raise TorchMergeError(f"reference={reference} is not an index into {len(experts)} experts")
+    identity = spec.identity_perms()
+    if bases is None:
+        return [identity if i == reference else align(experts[reference], e, spec, **kwargs)
+                for i, e in enumerate(experts)]
+    bases = list(bases)
+    if len(bases) != len(experts):
+        raise TorchMergeError(f"bases has {len(bases)} entries for {len(experts)} experts: give one "
+                              "base (init/pretraining) per expert, repeating shared ones")
+    anchor, cache = bases[reference], {}
+    for b in bases:
+        if id(b) not in cache:
+            cache[id(b)] = identity if b is anchor else align(anchor, b, spec, **kwargs)
+    return [cache[id(b)] for b in bases]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _shared_states(reference, other, spec, exclude):
+    for name, m in (("reference", reference), ("other", other)):
+        if not isinstance(m, nn.Module):
+            raise TorchMergeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
+    exclude = set(spec.heads if exclude is None else exclude)
+    ref = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    oth = dict(other.named_parameters()) | dict(other.named_buffers())
+    for p, _ in spec.axes:
+        if p in exclude:
+            continue
+        if p not in ref or p not in oth:
+            raise TorchMergeError(f"parameter {p!r} of the spec is missing from the "
+                                  f"{'reference' if p not in ref else 'other'} model")
+        if ref[p].shape != oth[p].shape:
+            raise TorchMergeError(f"{p} has shape {tuple(ref[p].shape)} in the reference and "
+                                  f"{tuple(oth[p].shape)} in the other model; pass exclude=[...] for "
+                                  "task-specific layers")
+    keep = {p for p, _ in spec.axes if p not in exclude}
+    return ({p: ref[p].detach() for p in keep}, {p: oth[p].detach() for p in keep})
+
+
+class _Matcher:
+    """Coordinate ascent over groups; ``scorers`` override the weight score for some groups."""
+
+    def __init__(self, spec: PermutationSpec, ref: dict, oth: dict, scorers: dict):
+        self.spec, self.ref, self.oth, self.scorers = spec, ref, oth, scorers
+        self.axes_of: dict = {}
+        for (p, a), e in spec.axes.items():
+            if p in ref:
+                self.axes_of.setdefault(p, []).append((a, e))
+        self.members = {g: [] for g in spec.groups}
+        for p, axes in self.axes_of.items():
+            for a, e in axes:
+                for g in set(_names(e)):
+                    self.members[g].append((p, a, e))
+        self.neighbors = {g: {h for p, _, _ in m for _, e in self.axes_of[p] for h in _names(e)}
+                          for g, m in self.members.items()}
+        # a group on two axes of one tensor makes its objective quadratic: check true gains
+        self.quadratic = {g for g, m in self.members.items()
+                          if any(sum(_names(e).count(g) for _, e in self.axes_of[p]) > 1 for p, _, _ in m)}
+
+    def run(self, max_iter: int, seed: int) -> AlignResult:
+        perms = self.spec.identity_perms()
+        order = [g for g in self.spec.groups if self.members[g] or g in self.scorers]
+        dirty, rng = set(order), random.Random(seed)
+        result = AlignResult(perms, [self.objective(perms)],
+                             sources={g: "activation" if g in self.scorers else "weight" for g in order})
+        for sweep in range(max_iter):
+            rng.shuffle(order)
+            changed = False
+            for g in order:
+                if g not in dirty:
+                    continue
+                dirty.discard(g)
+                if self.update(g, perms):
+                    changed = True
+                    dirty |= self.neighbors.get(g, set()) | ({g} if g in self.quadratic else set())
+            result.sweeps = sweep + 1
+            result.objective.append(self.objective(perms))
+            if not changed:
+                break
+        return result
+
+    def update(self, g: str, perms: dict) -> bool:
+        scores = self.score(g, perms)
+        old = perms[g]
+        new = torch.from_numpy(linear_sum_assignment(scores.cpu().numpy(), maximize=True)[1]).long()
+        rows = torch.arange(len(old))
+        gain = (scores[rows, new.to(scores.device)].sum() - scores[rows, old.to(scores.device)].sum()).item()
+        if gain <= 1e-12 or torch.equal(new, old):
+            return False
+        if g in self.quadratic and g not in self.scorers:
+            before = self.objective(perms, {p for p, _, _ in self.members[g]})
+            perms[g] = new
+            if self.objective(perms, {p for p, _, _ in self.members[g]}) <= before + 1e-12:
+                perms[g] = old
+                return False
+            return True
+        perms[g] = new
+        return True
+
+    def score(self, g: str, perms: dict) -> torch.Tensor:
+        if g in self.scorers:
+            return self.scorers[g](perms)
+        n = self.spec.groups[g].size
+        free = {**perms, g: torch.arange(n)}
+        total = None
+        for p, a, e in self.members[g]:
+            r, o = self.ref[p], self._permuted_other_axes(p, a, perms)
+            rg = _rows(r, a, self.spec.positions(e, g, {}))
+            og = _rows(o, a, self.spec.positions(e, g, free))
+            part = (rg.float() @ og.float().T).double()
+            total = part if total is None else total + part
+        return total
+
+    def _permuted_other_axes(self, p: str, axis: int, perms: dict) -> torch.Tensor:
+        t = self.oth[p]
+        for a, e in self.axes_of[p]:
+            if a != axis:
+                t = t.index_select(a, self.spec.index(e, perms).to(t.device))
+        return t
+
+    def objective(self, perms: dict, params=None) -> float:
+        """Σ ⟨W_ref, π(W_other)⟩ over the matched parameters (weight matching's objective)."""
+        total = 0.0
+        for p in (params if params is not None else self.axes_of):
+            t = self.oth[p]
+            for a, e in self.axes_of[p]:
+                t = t.index_select(a, self.spec.index(e, perms).to(t.device))
+            total += float((self.ref[p].double() * t.double()).sum())
+        return total
+
+
+def _rows(t: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
+    """[group size, everything else]: the slices of ``t`` each group element owns."""
+    n = positions.shape[0]
+    return t.movedim(axis, 0).index_select(0, positions.reshape(-1).to(t.device)).reshape(n, -1)
+
+
+def _activation_scorers(reference, other, spec, data, max_batches, probes_per_group) -> dict:
+    """Score functions from the Pearson correlation of the two models' activations at probes."""
+    from .stats import collect_paired
+
+    chosen = {g: probes[:probes_per_group] for g, probes in spec.probes.items()}
+    axes = {p.module_path: p.axis for probes in chosen.values() for p in probes}
+    if not axes:
+        return {}
+    stats = collect_paired(reference, other, list(axes), list(axes), data, channel_axis=axes,
+                           max_batches=max_batches)
+    corr = {path: stats[path].correlation() for path in axes}
+
+    def scorer(g, probes):
+        def score(perms):
+            n = spec.groups[g].size
+            free = {**perms, g: torch.arange(n)}
+            total = 0
+            for probe in probes:
+                c = corr[probe.module_path]
+                pr = spec.positions(probe.expr, g, {}).to(c.device)
+                po = spec.positions(probe.expr, g, free).to(c.device)
+                k = pr.shape[1]
+                block = c[pr.reshape(-1)][:, po.reshape(-1)].reshape(n, k, n, k)
+                total = total + block.diagonal(dim1=1, dim2=3).sum(-1)
+            return total.double()
+        return score
+
+    return {g: scorer(g, probes) for g, probes in chosen.items() if probes}

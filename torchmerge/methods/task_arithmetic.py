@@ -1,0 +1,32 @@
+"""Task Arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
+
+    θ* = θ₀ + λ Σ_i τ_i,   τ_i = θ_i − θ₀,   default λ = 0.4 (the value the papers in
+    ALGORITHMS.md use; Ilharco et al. pick λ on validation data from {0, 0.05, …, 1}).
+
+With ``base=None`` θ₀ is the mean of the experts, so Σ τ_i = 0 and the result is the average.
+
+>>> import torch
+>>> from torchmerge.methods import task_arithmetic
+>>> base = {"w": torch.tensor([0.0, 0.0])}
+>>> experts = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}]
+>>> task_arithmetic(experts, base, lam=0.5).state["w"].tolist()
+[0.5, 1.0]
+"""
+from __future__ import annotations
+
+from .base import Aligned, MergeResult, check_nonneg
+
+
+def task_arithmetic(experts, base=None, lam: float = 0.4) -> MergeResult:
+    """θ₀ + λ Σ_i τ_i, key by key (see the module docstring)."""
+    lam = check_nonneg("lam", lam)
+    al = Aligned(experts, base)
+    state = {}
+    for k in al.keys:
+        if k not in al.float_keys:
+            state[k] = al.passthrough(k)
+            continue
+        theta0 = al.base(k)
+        total = sum(al.tau(i, k, theta0) for i in range(al.num_tasks))
+        state[k] = al.out(k, theta0 + lam * total)
+    return MergeResult(state=state, info={"method": "task_arithmetic", "lam": lam})
