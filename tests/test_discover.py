@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import torchmerge as tm
-from architectures import (BY_NAME, CASE_IDS, CASES, MLP, SAFETY_ONLY, Case, ResNet, TiedHeadLM, ViT,
-                           randomize_)
+from architectures import BY_NAME, CASE_IDS, CASES, MLP, SAFETY_ONLY, Case, ResNet, ViT, randomize_
 from invariants import (assert_state_equal, check_case, check_equivalent, check_perms,
                         check_spec, check_weights_permuted, inverse, notable_frozen, shift_perms, snapshot, tensors)
 
