@@ -7,6 +7,8 @@
 >>> torch.allclose(twin(torch.ones(1, 4)), net(torch.ones(1, 4)), atol=1e-6)
 True
 """
+from . import analysis
+from .align import AlignResult, align, align_many
 from .discover import discover, verify_spec
 from .errors import ShapeError, SpecError, TorchMergeError, TraceError, VerificationError
 from .spec import FrozenSpace, Group, PermutationSpec, permute, permute_state_dict
@@ -14,6 +16,6 @@ from .spec import FrozenSpace, Group, PermutationSpec, permute, permute_state_di
 __version__ = "0.1.0"
 
 __all__ = [
-    "discover", "verify_spec", "permute", "permute_state_dict", "PermutationSpec", "Group",
+    "analysis", "align", "align_many", "AlignResult", "discover", "verify_spec", "permute", "permute_state_dict", "PermutationSpec", "Group",
     "FrozenSpace", "TorchMergeError", "TraceError", "ShapeError", "SpecError", "VerificationError",
 ]
