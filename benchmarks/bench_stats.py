@@ -1,0 +1,135 @@
+"""Hook overhead of streaming statistics: ``tm.stats.collect`` vs a plain forward pass.
+
+Usage:  python benchmarks/bench_stats.py [--batches 20] [--batch-size 128] [--repeats 3] [--device cpu]
+
+Model: a ResNet-20-like CNN (widths 16/32/64, 32x32 inputs). Statistics pass: ``collect`` with
+``stat="moments"`` on the output of every Conv2d / BatchNorm2d / Linear (39 sites). Plain pass: the
+same batches through the model under ``torch.no_grad()`` in eval mode. The two are timed in
+alternation (``--repeats`` rounds, median), so a noisy shared machine slows both alike.
+Prints a table and writes ``benchmarks/results/stats.json``. Target: ratio <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from torchmerge.stats import collect  # noqa: E402
+
+TARGET_RATIO = 1.3
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def resnet20(width: int = 16, num_classes: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+        for k in range(3):
+            layers.append(BasicBlock(cin, cout, stride if k == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_pass(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def stats_pass(model: nn.Module, sites: list[str], batches: list[torch.Tensor]) -> dict:
+    return collect(model, sites, batches, stat="moments")
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(HERE / "results" / "stats.json"))
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = resnet20().to(device).eval()
+    sites = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    batches = [torch.randn(args.batch_size, 3, 32, 32, device=device) for _ in range(args.batches)]
+
+    plain_pass(model, batches[:2])  # warm-up (allocator, kernels, lazy init)
+    stats_pass(model, sites, batches[:2])
+    plain_s, stats_s = [], []
+    for _ in range(args.repeats):  # alternate so machine load hits both alike
+        plain_s.append(timed(lambda: plain_pass(model, batches), device))
+        stats_s.append(timed(lambda: stats_pass(model, sites, batches), device))
+    plain, stats = statistics.median(plain_s), statistics.median(stats_s)
+    ratio = stats / plain
+    best_ratio = min(stats_s) / min(plain_s)
+
+    images = args.batches * args.batch_size
+    rows = [("plain forward (no_grad)", plain, images / plain),
+            (f"collect moments, {len(sites)} sites", stats, images / stats)]
+    print(f"device={device}  threads={torch.get_num_threads()}  batches={args.batches}x{args.batch_size}  "
+          f"repeats={args.repeats}")
+    print(f"{'pass':34s} {'median s':>9s} {'img/s':>9s}")
+    for name, sec, ips in rows:
+        print(f"{name:34s} {sec:9.3f} {ips:9.1f}")
+    verdict = "OK" if ratio <= TARGET_RATIO else "ABOVE TARGET"
+    print(f"overhead ratio (median) {ratio:.3f}x   (best-of) {best_ratio:.3f}x   target <= {TARGET_RATIO}x  {verdict}")
+
+    result = {
+        "benchmark": "stats_hook_overhead", "model": "resnet20 (widths 16/32/64, 32x32)",
+        "sites": len(sites), "stat": "moments", "batches": args.batches, "batch_size": args.batch_size,
+        "repeats": args.repeats, "device": str(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "platform": platform.platform(),
+        "plain_s": plain_s, "stats_s": stats_s, "plain_median_s": plain, "stats_median_s": stats,
+        "ratio": ratio, "ratio_best_of": best_ratio, "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,703 @@
+"""Streaming activation statistics gathered with forward hooks.
+
+One machinery for every consumer that needs statistics of a model's activations:
+
+- :class:`Moments` — per-channel count / mean / variance (variance-collapse correction, REPAIR);
+- :class:`Gram` — channel × channel second moments, covariance and Pearson correlation, of one stream
+  (RegMean/MaTS input Gram matrices) or of two aligned streams (``cross=True``: activation matching);
+- :func:`collect` / :func:`collect_paired` — run a model (or two) over batches with hooks on chosen
+  modules and stream one statistic per module.
+
+Numerics: every statistic keeps ``count`` (a Python int), means and *centred* co-moments
+(``M2 = Σ (x - mean)(x - mean)ᵀ``) in float64 on the activation's device, and combines blocks of
+samples (batches, merged stats, ranks) with Chan's parallel formula, so no sum of raw squares is ever
+formed and large means do not cancel.  :class:`Moments` reduces each batch in the activation's dtype
+(float32 for float32/half data) *after* subtracting a per-channel shift close to the running mean,
+adds the sums to float64 accumulators and folds them every few batches; :class:`Gram` centres each
+batch on its own mean in float64.  Nothing calls ``.item()`` on the hot path.
+
+Channel axis: all axes other than the channel axis are samples (batch, tokens, spatial).  The default
+is :func:`default_channel_axis`: ``1`` for tensors with ``ndim >= 3`` produced by (or fed to)
+convolution / normalisation / pooling modules (``[B, C, *spatial]``), otherwise ``-1`` (``[B, C]`` and
+token layouts ``[B, T, C]``).  Pass ``channel_axis=`` (an int or a ``{name: int}`` dict) to override.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten())
+>>> stats = collect(net, ["0"], [torch.randn(4, 3, 8, 8) for _ in range(3)])
+>>> stats["0"].mean.shape, stats["0"].count
+(torch.Size([8]), 432)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TorchMergeError
+
+__all__ = [
+    "Moments", "Gram", "iter_inputs", "collect", "collect_paired", "default_channel_axis",
+    "CHANNEL_FIRST_MODULES", "INPUT_KEYS",
+]
+
+#: Modules whose (>= 3-d) inputs and outputs are laid out ``[B, C, *spatial]``.
+CHANNEL_FIRST_MODULES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+#: Keys looked up, in this order, to find the model input in a dict batch.
+INPUT_KEYS = ("x", "input", "inputs", "pixel_values", "input_ids")
+
+
+def default_channel_axis(module: nn.Module, tensor: torch.Tensor) -> int:
+    """1 for ``[B, C, *spatial]`` tensors of conv/norm/pool modules, else -1 (``[B, C]``, ``[B, T, C]``).
+
+    >>> default_channel_axis(torch.nn.Conv2d(3, 4, 1), torch.zeros(2, 4, 5, 5))
+    1
+    >>> default_channel_axis(torch.nn.Linear(3, 4), torch.zeros(2, 7, 4))
+    -1
+    """
+    return 1 if tensor.ndim >= 3 and isinstance(module, CHANNEL_FIRST_MODULES) else -1
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming statistics
+# --------------------------------------------------------------------------------------------------
+
+def _samples(x: torch.Tensor, axis: int, what: str) -> tuple[int, list[int]]:
+    """Normalise ``axis``; return it and the sample axes, or raise naming the shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TorchMergeError(f"{what}: expected a Tensor, got {type(x).__name__}")
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+        raise TorchMergeError(f"{what}: channel_axis={axis} is out of range for a tensor of shape "
+                              f"{tuple(x.shape)}; pass channel_axis= (an int or a {{name: int}} dict)")
+    axis %= x.ndim
+    return axis, [d for d in range(x.ndim) if d != axis]
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    # float32 per-batch reductions are exact enough after centring and keep the hook one fused pass;
+    # float64 data stays float64, half/bfloat16/integer data is widened to float32.
+    return x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+
+
+def _channel_view(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """``[P, C, Q]`` with Q the contiguous trailing sample axes (Q = 1 when channels are innermost
+    in memory: ``[B, T, C]``, channels_last conv outputs) — a view whenever the layout allows."""
+    last = x.movedim(axis, -1)
+    if last.is_contiguous():
+        return last.reshape(-1, x.shape[axis], 1)
+    return x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+
+
+class _Scratch:
+    """One reusable work buffer: fresh activation-sized allocations (page faults on CPU) cost more
+    than the arithmetic. :func:`collect` shares one between all its sites (they run one at a time)."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def like(self, v: torch.Tensor) -> torch.Tensor:
+        b = self.buf
+        if b is None or b.numel() < v.numel() or b.dtype != v.dtype or b.device != v.device:
+            b = self.buf = torch.empty(v.numel(), dtype=v.dtype, device=v.device)
+        return b[: v.numel()].view(v.shape)
+
+
+def _shifted_sums(v: torch.Tensor, shift: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+    """``[2, C]`` (v's dtype): Σ(x − s) and Σ(x − s)² over the samples of ``v = [P, C, Q]``."""
+    # centring before squaring is what keeps float32 sums exact enough
+    d = torch.sub(v, shift.view(1, -1, 1), out=scratch.like(v))
+    if d.shape[2] == 1:
+        d = d.squeeze(2)
+        return torch.stack([d.sum(0), d.mul_(d).sum(0)])
+    # contiguous per-row reductions are several times faster on CPU than a strided one; the row
+    # norm gives Σd² in one read, without a squared copy
+    return torch.stack([d.sum(2), torch.linalg.vector_norm(d, dim=2).square_()]).sum(1)
+
+
+def _as_rows(x: torch.Tensor, axis: int, what: str) -> torch.Tensor:
+    """``[N, C]`` view (samples × channels) in float64, for the Gram matrices."""
+    axis, _ = _samples(x, axis, what)
+    return x.detach().movedim(axis, -1).reshape(-1, x.shape[axis]).double()
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a * b if like.ndim == 1 else torch.outer(a, b)
+
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _comm_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo/mpi are happy with CPU tensors.
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Streaming:
+    """Chan-mergeable state: ``count``, means ``[μ_0, μ_1, …]`` and centred co-moments.
+
+    ``_PAIRS[k] = (i, j)`` says co-moment ``k`` is Σ (x_i − μ_i)(x_j − μ_j)ᵀ (elementwise when 1-d).
+    """
+
+    _PAIRS: tuple[tuple[int, int], ...] = ()
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._means: list[torch.Tensor] | None = None
+        self._co: list[torch.Tensor] | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of samples seen (rows after moving the channel axis last and flattening)."""
+        self._flush()
+        return self._n
+
+    # -- merging --------------------------------------------------------------------------------
+    def _absorb(self, n: int, means: list[torch.Tensor], co: list[torch.Tensor]) -> None:
+        """Fold in a block of ``n`` samples given its (fresh, float64) means and co-moments."""
+        if n == 0:
+            return
+        if self._means is None:
+            self._n, self._means, self._co = n, means, co
+            return
+        self._check_shapes([m.shape for m in means], type(self).__name__ + ".merge")
+        dev = self._means[0].device
+        means, co = [m.to(dev) for m in means], [c.to(dev) for c in co]
+        total = self._n + n
+        deltas = [m - mine for m, mine in zip(means, self._means)]
+        weight = self._n * n / total  # Chan et al.: M2 = M2_a + M2_b + δδᵀ n_a n_b / n
+        for k, (i, j) in enumerate(self._PAIRS):
+            self._co[k] += co[k] + _outer(deltas[i], deltas[j], co[k]) * weight
+        for mine, d in zip(self._means, deltas):
+            mine += d * (n / total)
+        self._n = total
+
+    def _check_shapes(self, shapes: list[torch.Size], what: str) -> None:
+        mine = [m.shape for m in self._means]
+        if list(shapes) != mine:
+            raise TorchMergeError(f"{what}: channel counts {[tuple(s) for s in shapes]} do not match "
+                                  f"the ones accumulated so far {[tuple(s) for s in mine]}")
+
+    def merge(self, other: "_Streaming") -> "_Streaming":
+        """Fold ``other`` (same type, same channels) into ``self``; returns ``self``."""
+        if type(other) is not type(self) or getattr(other, "cross", None) != getattr(self, "cross", None):
+            raise TorchMergeError(f"cannot merge {other!r} into {self!r}")
+        self._flush()
+        other._flush()
+        if other._means is not None:
+            self._absorb(other._n, [m.clone() for m in other._means], [c.clone() for c in other._co])
+        return self
+
+    # -- distributed ----------------------------------------------------------------------------
+    def all_reduce(self) -> "_Streaming":
+        """Make every rank hold the statistics of the union of all ranks' data (no-op when
+        ``torch.distributed`` is not initialised). Collective: every rank must call it.
+        Also finalises buffered sums and frees work buffers (``collect`` calls it at the end)."""
+        self._flush()
+        self._release()
+        if not _dist_ready():
+            return self
+        dist, dev = torch.distributed, _comm_device()
+        self._init_empty(dev)
+        home = self._means[0].device
+        n = float(self._n)
+        means = [m.to(dev) for m in self._means]
+        # 1) global count and mean: Σ n_r μ_r / Σ n_r
+        packed = torch.cat([torch.tensor([n], dtype=torch.float64, device=dev)] + [m * n for m in means])
+        dist.all_reduce(packed)
+        total = packed[0].item()
+        sums = packed[1:].split([m.numel() for m in means])
+        gmeans = [s / total if total > 0 else s for s in sums]
+        # 2) co-moments about the *global* mean: Σ_r [M2_r + n_r (μ_r − μ)(μ_r − μ)ᵀ] — no cancellation
+        deltas = [m - g for m, g in zip(means, gmeans)]
+        co = [c.to(dev) + _outer(deltas[i], deltas[j], c) * n
+              for c, (i, j) in zip(self._co, self._PAIRS)]
+        flat = torch.cat([c.flatten() for c in co])
+        dist.all_reduce(flat)
+        self._n = int(round(total))
+        self._means = [g.to(home) for g in gmeans]
+        self._co = [f.view_as(c).to(home) for f, c in zip(flat.split([c.numel() for c in co]), co)]
+        return self
+
+    def _init_empty(self, dev: torch.device) -> None:
+        """Agree on channel counts across ranks so a rank that saw no data can still take part."""
+        k = max(i for pair in self._PAIRS for i in pair) + 1
+        sizes = torch.tensor([m.numel() for m in self._means] if self._means is not None else [0] * k,
+                             dtype=torch.float64, device=dev)
+        mine = sizes.clone()
+        torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+        if self._means is None:
+            self._means = [torch.zeros(int(s), dtype=torch.float64, device=dev) for s in sizes.tolist()]
+            self._co = [torch.zeros(self._co_shape(i, j), dtype=torch.float64, device=dev)
+                        for i, j in self._PAIRS]
+        elif not torch.equal(mine, sizes):
+            raise TorchMergeError(f"{type(self).__name__}.all_reduce: this rank has channel counts "
+                                  f"{mine.tolist()}, another has {sizes.tolist()}")
+
+    def _co_shape(self, i: int, j: int) -> tuple[int, ...]:
+        n_i, n_j = self._means[i].numel(), self._means[j].numel()
+        return (n_i,) if i == j and self._co_is_vector(i, j) else (n_i, n_j)
+
+    def _co_is_vector(self, i: int, j: int) -> bool:
+        return True
+
+    def _flush(self) -> None:
+        """Fold any buffered hot-path sums into (count, means, co-moments)."""
+
+    def _release(self) -> None:
+        """Free work buffers (they are re-created on the next update)."""
+
+    def _need(self, what: str) -> None:
+        self._flush()
+        if self._means is None:
+            raise TorchMergeError(f"{type(self).__name__}.{what}: no data accumulated yet "
+                                  "(call update() or collect() first)")
+
+
+class Moments(_Streaming):
+    """Streaming per-channel count, mean and variance (float64 on the activation's device).
+
+    Hot path (one hook call): subtract a per-channel shift (≈ the running mean), then two fast
+    contiguous sums, Σ(x − s) and Σ(x − s)², added to float64 accumulators — no host sync. Every
+    ``FOLD_EVERY`` batches (and before any read) the block is folded into (mean, M2) with Chan's
+    formula and the shift moves to the new mean, so the sums stay centred even if the data drift.
+
+    >>> m = Moments()
+    >>> for chunk in torch.arange(12.).view(3, 2, 2):       # 3 batches of [B=2, C=2]
+    ...     _ = m.update(chunk, channel_axis=-1)
+    >>> m.count, m.mean.tolist(), m.var.tolist()
+    (6, [5.0, 6.0], [11.666666666666666, 11.666666666666666])
+    """
+
+    _PAIRS = ((0, 0),)
+    FOLD_EVERY = 32
+
+    def __init__(self, scratch: _Scratch | None = None) -> None:
+        super().__init__()
+        self._scratch = scratch if scratch is not None else _Scratch()
+        self._shift: torch.Tensor | None = None   # [C], work dtype
+        self._sums: torch.Tensor | None = None    # [2, C] float64: Σ(x − s), Σ(x − s)² since last fold
+        self._pending = (0, 0)                     # (samples, batches) in _sums
+
+    def update(self, x: torch.Tensor, channel_axis: int = -1) -> "Moments":
+        """Add the samples of ``x`` (every axis except ``channel_axis`` is a sample axis)."""
+        axis, _ = _samples(x, channel_axis, "Moments.update")
+        c = x.shape[axis]
+        n = x.numel() // max(c, 1)
+        if n == 0:
+            return self
+        v = _channel_view(_work(x), axis)
+        if self._shift is None:
+            self._shift = v.mean((0, 2))  # once: a centre for the first block's sums
+        elif self._shift.numel() != c:
+            raise TorchMergeError(f"Moments.update: tensor of shape {tuple(x.shape)} has {c} channels "
+                                  f"on axis {axis}; earlier batches had {self._shift.numel()}")
+        if self._shift.dtype != v.dtype:
+            self._shift = self._shift.to(v.dtype)
+        block = _shifted_sums(v, self._shift, self._scratch)  # per batch in v's dtype, summed in float64
+        self._sums = block.double() if self._sums is None else self._sums.add_(block)
+        self._pending = (self._pending[0] + n, self._pending[1] + 1)
+        if self._pending[1] >= self.FOLD_EVERY:
+            self._flush()
+        return self
+
+    def _flush(self) -> None:
+        n = self._pending[0]
+        if n == 0:
+            return
+        t1, t2 = self._sums
+        mean = self._shift.double() + t1 / n
+        m2 = (t2 - t1.square() / n).clamp_min_(0)  # centred sums: tiny cancellation only
+        self._sums, self._pending = None, (0, 0)
+        self._absorb(n, [mean], [m2])
+        self._shift = self._means[0].to(self._shift.dtype, copy=True)
+
+    def _release(self) -> None:
+        self._scratch.buf = None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean, float64 ``[C]``."""
+        self._need("mean")
+        return self._means[0]
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-channel population variance (divides by ``count``), float64 ``[C]``."""
+        self._need("var")
+        return self._co[0] / max(self._n, 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-channel population standard deviation, float64 ``[C]``."""
+        return self.var.sqrt()
+
+    def __repr__(self) -> str:
+        c = None if self._shift is None else self._shift.numel()
+        return f"Moments(count={self._n + self._pending[0]}, channels={c})"
+
+
+class Gram(_Streaming):
+    """Streaming channel × channel second moments of one stream, or of two aligned ones (``cross``).
+
+    Single stream: ``update(x)``; :meth:`second_moment` is E[x xᵀ] (RegMean's Gram is
+    ``count * second_moment()`` = XᵀX), :meth:`covariance` and :meth:`correlation` are C × C.
+    Cross mode: ``update(x, y=y)`` with the same samples in both; ``second_moment`` is E[x yᵀ],
+    ``covariance``/``correlation`` are Cx × Cy cross matrices (activation matching, ZipIt!).
+
+    >>> g = Gram(cross=True)
+    >>> x = torch.randn(100, 3, dtype=torch.float64)
+    >>> _ = g.update(x, y=-2 * x[:, [2, 0, 1]])
+    >>> (g.correlation() < -0.999).nonzero().tolist()     # x_0 ~ y_1, x_1 ~ y_2, x_2 ~ y_0
+    [[0, 1], [1, 2], [2, 0]]
+    """
+
+    def __init__(self, cross: bool = False) -> None:
+        super().__init__()
+        self.cross = bool(cross)
+        # means [μx(, μy)]; co-moments [Cxx] or [Cxy, diag Cxx, diag Cyy]
+        self._PAIRS = ((0, 1), (0, 0), (1, 1)) if self.cross else ((0, 0),)
+
+    def _co_is_vector(self, i: int, j: int) -> bool:
+        return self.cross  # cross mode keeps only the diagonals of Cxx and Cyy
+
+    def update(self, x: torch.Tensor, channel_axis: int = -1, y: torch.Tensor | None = None,
+               y_channel_axis: int | None = None) -> "Gram":
+        """Add samples of ``x`` (and of the aligned ``y`` in cross mode). Per batch in float64."""
+        xs = _as_rows(x, channel_axis, "Gram.update(x)")
+        if not self.cross:
+            if y is not None:
+                raise TorchMergeError("Gram.update: y= given but this Gram was built with cross=False")
+            mx = xs.mean(0)
+            xc = xs - mx
+            self._absorb(xs.shape[0], [mx], [xc.T @ xc])
+            return self
+        if y is None:
+            raise TorchMergeError("Gram.update: cross=True needs y= (the aligned second stream)")
+        ys = _as_rows(y, channel_axis if y_channel_axis is None else y_channel_axis, "Gram.update(y)")
+        if xs.shape[0] != ys.shape[0]:
+            raise TorchMergeError(f"Gram.update: x of shape {tuple(x.shape)} and y of shape "
+                                  f"{tuple(y.shape)} have {xs.shape[0]} vs {ys.shape[0]} samples; "
+                                  "cross statistics need the same samples in both streams")
+        ys = ys.to(xs.device)
+        mx, my = xs.mean(0), ys.mean(0)
+        xc, yc = xs - mx, ys - my
+        self._absorb(xs.shape[0], [mx, my], [xc.T @ yc, xc.square().sum(0), yc.square().sum(0)])
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean of x, float64 ``[Cx]``."""
+        self._need("mean")
+        return self._means[0]
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        """Mean of y (cross mode), float64 ``[Cy]``."""
+        self._need("mean_y")
+        return self._means[1 if self.cross else 0]
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance of x, float64 ``[Cx]``."""
+        self._need("var")
+        return (self._co[1] if self.cross else self._co[0].diagonal()) / max(self._n, 1)
+
+    @property
+    def var_y(self) -> torch.Tensor:
+        """Population variance of y (cross mode), float64 ``[Cy]``."""
+        self._need("var_y")
+        return (self._co[2] if self.cross else self._co[0].diagonal()) / max(self._n, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """Population (cross-)covariance, float64 ``[Cx, Cx]`` or ``[Cx, Cy]``."""
+        self._need("covariance")
+        return self._co[0] / max(self._n, 1)
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x xᵀ] (or E[x yᵀ] in cross mode), float64."""
+        return self.covariance() + torch.outer(self.mean, self.mean_y)
+
+    def correlation(self, eps: float = 1e-8) -> torch.Tensor:
+        """Pearson (cross-)correlation; dead units (std product < ``eps``) get correlation ~0."""
+        denom = torch.outer(self.var.sqrt(), self.var_y.sqrt()).clamp_min(eps)
+        return self.covariance() / denom
+
+    def __repr__(self) -> str:
+        shape = None if self._co is None else tuple(self._co[0].shape)
+        return f"Gram(cross={self.cross}, count={self._n}, shape={shape})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------
+
+def _batch_input(batch: Any, index: int) -> torch.Tensor:
+    """The model input inside one batch (Tensor, (x, y, ...) sequence, or dict)."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise TorchMergeError(f"batch {index} is a dict with keys {sorted(map(str, batch))}; "
+                              f"torchmerge looks for the model input under one of {list(INPUT_KEYS)}")
+    what = type(batch).__name__
+    if isinstance(batch, (tuple, list)):
+        what += " whose first element is " + (type(batch[0]).__name__ if batch else "missing")
+    raise TorchMergeError(f"batch {index} is a {what}; expected a Tensor, an (inputs, targets) "
+                          f"tuple/list with a Tensor first, or a dict with one of keys {list(INPUT_KEYS)}")
+
+
+def iter_inputs(batches: Iterable[Any], max_batches: int | None = None,
+                device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+    """Yield the model input of each batch, moved to ``device`` (unchanged when ``None``).
+
+    A single Tensor or dict is taken as one batch (not iterated row by row).
+
+    >>> data = [torch.ones(2, 3), (torch.zeros(2, 3), torch.tensor([0, 1])), {"pixel_values": torch.ones(1, 3)}]
+    >>> [tuple(x.shape) for x in iter_inputs(data, max_batches=2)]
+    [(2, 3), (2, 3)]
+    """
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    if not isinstance(batches, Iterable):
+        raise TorchMergeError(f"batches is a {type(batches).__name__}; expected an iterable of batches "
+                              "(a DataLoader, a list of Tensors, of (x, y) tuples or of dicts)")
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            return
+        x = _batch_input(batch, index)
+        yield x.to(device) if device is not None else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------
+
+_FACTORIES: dict[str, Callable[[], Any]] = {"moments": Moments, "gram": Gram}
+
+
+def _resolve_targets(model: nn.Module, targets: Any) -> dict[str, nn.Module]:
+    """``{name: module}`` from a dict, a name, a list of names, or module type(s) to select."""
+    if isinstance(targets, type) or (isinstance(targets, tuple) and targets
+                                     and all(isinstance(t, type) for t in targets)):
+        return {n: m for n, m in model.named_modules() if n and isinstance(m, targets)}
+    if isinstance(targets, str):
+        targets = [targets]
+    items = targets.items() if isinstance(targets, Mapping) else ((t, t) for t in targets)
+    out = {}
+    for name, mod in items:
+        if isinstance(mod, str):
+            try:
+                mod = model.get_submodule(mod)
+            except AttributeError:
+                known = [n for n, _ in model.named_modules() if n][:12]
+                raise TorchMergeError(f"{type(model).__name__} has no submodule {mod!r}; "
+                                      f"known names start with {known}") from None
+        if not isinstance(mod, nn.Module):
+            raise TorchMergeError(f"target {name!r} is a {type(mod).__name__}, not an nn.Module")
+        out[str(name)] = mod
+    return out
+
+
+def _factory(stat: Any) -> Callable[[], Any]:
+    if isinstance(stat, str):
+        if stat not in _FACTORIES:
+            raise TorchMergeError(f"stat={stat!r}; expected one of {list(_FACTORIES)} or a callable "
+                                  "returning an object with update(tensor, channel_axis)")
+        return _FACTORIES[stat]
+    if not callable(stat):
+        raise TorchMergeError(f"stat must be 'moments', 'gram' or a callable, got {type(stat).__name__}")
+    return stat
+
+
+def _axis_for(name: str, module: nn.Module, x: torch.Tensor, channel_axis: Any) -> int:
+    if isinstance(channel_axis, Mapping):
+        channel_axis = channel_axis.get(name)
+    return default_channel_axis(module, x) if channel_axis is None else int(channel_axis)
+
+
+def _pick(value: Any, name: str, where: str) -> torch.Tensor:
+    """The tensor a hook sees: the output (first element of a tuple output) or the first input."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TorchMergeError(f"module {name!r}: its {where} is a {type(value).__name__}, not a Tensor; "
+                              f"hook a submodule whose {where} is a Tensor")
+    return value
+
+
+@contextlib.contextmanager
+def _hooked(modules: dict[str, nn.Module], where: str, fn: Callable[[str, nn.Module, torch.Tensor], None]):
+    """Register one hook per module; always removed on exit (also when a forward raises)."""
+    if where not in ("output", "input"):
+        raise TorchMergeError(f"where={where!r}; expected 'output' or 'input'")
+    handles = []
+    try:
+        for name, mod in modules.items():
+            if where == "output":
+                hook = (lambda n, m: lambda _m, _a, out: fn(n, m, _pick(out, n, "output")))(name, mod)
+                handles.append(mod.register_forward_hook(hook))
+            else:  # pre-hook: sees the input before an in-place module (ReLU(inplace=True)) edits it
+                hook = (lambda n, m: lambda _m, args: fn(n, m, _pick(args, n, "input")))(name, mod)
+                handles.append(mod.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _mode(models: list[nn.Module], train_mode: bool):
+    """no_grad + eval (or train) mode; every submodule's own ``training`` flag restored on exit."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.train(train_mode)
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def _progress(it: Iterable, enabled: bool, batches: Any, max_batches: int | None) -> Iterable:
+    if not enabled:
+        return it
+    try:  # optional dependency: no bar (and no noise) without it
+        from tqdm.auto import tqdm
+    except ImportError:
+        return it
+    sizes = [max_batches] if max_batches is not None else []
+    if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)):
+        sizes.append(len(batches))
+    total = min(sizes) if sizes else None
+    return tqdm(it, total=total, desc="torchmerge stats", leave=False)
+
+
+def _finish(stats: dict[str, Any]) -> dict[str, Any]:
+    for s in stats.values():  # fixed (target) order: identical collective sequence on every rank
+        if hasattr(s, "all_reduce"):
+            s.all_reduce()
+    return stats
+
+
+def collect(model: nn.Module, targets: Any, batches: Iterable[Any], stat: Any = "moments", *,
+            where: str = "output", channel_axis: int | Mapping[str, int] | None = None,
+            max_batches: int | None = None, device: torch.device | str | None = None,
+            progress: bool = False, train_mode: bool = False) -> dict[str, Any]:
+    """Stream a statistic of each target module's output (or first input) over ``batches``.
+
+    ``targets``: ``{name: module}``, module names of ``model``, or module type(s) to select.
+    ``stat``: ``"moments"`` (:class:`Moments`), ``"gram"`` (:class:`Gram`) or a zero-argument
+    callable returning an object with ``update(tensor, channel_axis)`` (and optionally ``all_reduce()``).
+    Runs under ``torch.no_grad()`` in eval mode (``train_mode=True``: train mode, which also updates
+    BatchNorm running statistics); training flags are restored and hooks removed even on error.
+    Inputs go to ``device`` (default: the model's). Stats are all-reduced across ranks at the end.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU())
+    >>> out = collect(net, {"fc": net[0]}, [torch.randn(8, 4)] * 2, stat="gram", where="input")
+    >>> out["fc"].second_moment().shape
+    torch.Size([4, 4])
+    """
+    modules, make = _resolve_targets(model, targets), _factory(stat)
+    _check_axis_keys(channel_axis, modules)
+    if make is Moments:  # sites run one at a time: one shared work buffer, not one per site
+        make = (lambda scratch: lambda: Moments(scratch))(_Scratch())
+    stats = {name: make() for name in modules}
+
+    def hook(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        stats[name].update(x, _axis_for(name, module, x, channel_axis))
+
+    device = device if device is not None else _device_of(model)
+    with _hooked(modules, where, hook), _mode([model], train_mode):
+        for x in _progress(iter_inputs(batches, max_batches, device), progress, batches, max_batches):
+            model(x)
+    return _finish(stats)
+
+
+def _check_axis_keys(channel_axis: Any, *module_dicts: dict[str, nn.Module]) -> None:
+    if isinstance(channel_axis, Mapping):
+        unknown = set(channel_axis) - {n for d in module_dicts for n in d}
+        if unknown:
+            raise TorchMergeError(f"channel_axis names {sorted(unknown)} are not among the targets "
+                                  f"{sorted(module_dicts[0])}")
+
+
+def collect_paired(model_a: nn.Module, model_b: nn.Module, targets_a: Any, targets_b: Any,
+                   batches: Iterable[Any], *, where: str = "output",
+                   channel_axis: int | Mapping[str, int] | None = None, max_batches: int | None = None,
+                   progress: bool = False, train_mode: bool = False) -> dict[str, Gram]:
+    """Cross statistics (:class:`Gram` with ``cross=True``) between corresponding sites of two models.
+
+    ``targets_a``/``targets_b`` are resolved like :func:`collect`'s ``targets`` and paired in order
+    (``targets_b=None``: the same names in ``model_b``). Results are keyed by ``targets_a``'s names;
+    ``x`` is model A's activation, ``y`` model B's. Each model gets the inputs on its own device.
+
+    >>> a = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU())
+    >>> b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    >>> out = collect_paired(a, b, ["0"], None, [torch.randn(16, 4) for _ in range(2)])
+    >>> out["0"].correlation().shape
+    torch.Size([5, 3])
+    """
+    mods_a = _resolve_targets(model_a, targets_a)
+    mods_b = _resolve_targets(model_b, list(mods_a) if targets_b is None else targets_b)
+    if len(mods_a) != len(mods_b):
+        raise TorchMergeError(f"collect_paired: {len(mods_a)} targets in model_a but {len(mods_b)} "
+                              f"in model_b ({list(mods_a)} vs {list(mods_b)})")
+    _check_axis_keys(channel_axis, mods_a)
+    b_to_a = dict(zip(mods_b, mods_a))
+    stats = {name: Gram(cross=True) for name in mods_a}
+    pending: dict[str, deque] = {name: deque() for name in mods_a}
+
+    def hook_a(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        # clone: a later in-place op in model A (ReLU(inplace=True)) would overwrite this activation
+        pending[name].append((x.detach().clone(), _axis_for(name, module, x, channel_axis)))
+
+    def hook_b(name_b: str, module: nn.Module, y: torch.Tensor) -> None:
+        name = b_to_a[name_b]
+        if not pending[name]:
+            raise TorchMergeError(f"collect_paired: module {name_b!r} of model_b ran more often than "
+                                  f"{name!r} of model_a (output shape {tuple(y.shape)})")
+        x, axis = pending[name].popleft()
+        stats[name].update(x, axis, y=y, y_channel_axis=_axis_for(name, module, y, channel_axis))
+
+    dev_a, dev_b = _device_of(model_a), _device_of(model_b)
+    with _hooked(mods_a, where, hook_a), _hooked(mods_b, where, hook_b), _mode([model_a, model_b], train_mode):
+        for x in _progress(iter_inputs(batches, max_batches), progress, batches, max_batches):
+            model_a(x.to(dev_a) if dev_a is not None else x)
+            model_b(x.to(dev_b) if dev_b is not None else x)
+            _check_drained(pending)
+    return _finish(stats)
+
+
+def _check_drained(pending: dict[str, deque]) -> None:
+    left = {name: len(q) for name, q in pending.items() if q}
+    if left:
+        for q in pending.values():
+            q.clear()
+        raise TorchMergeError(f"collect_paired: sites {sorted(left)} of model_a ran without a matching "
+                              "call of the paired model_b module in the same batch")
