@@ -363,3 +363,174 @@ def test_statistics_stay_on_the_activation_device():
     assert out["conv"].mean.device.type == "cuda" and out["conv"].mean.dtype == torch.float64
     ref = collect(copy.deepcopy(net).cpu(), ["conv"], batches())
     close(out["conv"].var.cpu(), ref["conv"].var, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- layer_input_grams (RegMean / MaTS)
+import torch.nn.functional as F  # noqa: E402
+
+from torchmerge.methods import regmean  # noqa: E402
+from torchmerge.stats import layer_input_grams  # noqa: E402
+
+
+def ref_conv_rows(conv, x):
+    """[N, C·k…] by explicit loops over output positions, independent of the implementation."""
+    x = x.double()
+    ns = x.ndim - 2
+    pad = [conv.padding[i] for i in range(ns)]
+    xp = F.pad(x, [p for i in reversed(range(ns)) for p in (pad[i], pad[i])])
+    k, s, d = conv.kernel_size, conv.stride, conv.dilation
+    outs = [(xp.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(ns)]
+    rows = []
+    for b in range(x.shape[0]):
+        for pos in torch.cartesian_prod(*[torch.arange(o) for o in outs]).view(-1, ns).tolist():
+            idx = [torch.arange(k[i]) * d[i] + pos[i] * s[i] for i in range(ns)]
+            patch = xp[b][(slice(None), *torch.meshgrid(*idx, indexing="ij"))]   # [C, *k]
+            rows.append(patch.reshape(-1))
+    r = torch.stack(rows)
+    # the reference really is the conv's X: X Wᵀ + b equals the conv output (channels last)
+    y = conv.double()(x).movedim(1, -1).reshape(-1, conv.out_channels)
+    conv.float()
+    w = conv.weight.double().reshape(conv.out_channels, -1)
+    torch.testing.assert_close(r @ w.T + conv.bias.double(), y)
+    return r
+
+
+def gram_close(actual, rows):
+    expected = rows.T @ rows
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 6, 5)], ids=["[B,C]", "[B,T,C]"])
+def test_input_grams_linear(shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    data = [torch.randn(*shape) + 3 for _ in range(3)]
+    out = layer_input_grams(lin, data)
+    assert set(out) == {"weight"}                                   # the state-dict key
+    r = torch.cat([x.reshape(-1, 5) for x in data]).double()
+    rows_ = torch.stack([v for x in data for v in x.reshape(-1, 5)]).double()   # explicit loop
+    assert torch.equal(r, rows_)
+    gram_close(next(iter(out.values())), rows_)
+
+
+CONVS = [
+    ("conv1d", lambda: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2), (2, 3, 11)),
+    ("conv2d", lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (2, 3, 7, 6)),
+    ("conv2d 1x1", lambda: nn.Conv2d(3, 4, 1), (2, 3, 4, 5)),
+    ("conv3d", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 2, 3, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("label,make,shape", CONVS, ids=[c[0] for c in CONVS])
+def test_input_grams_conv_match_explicit_patches(label, make, shape):
+    torch.manual_seed(1)
+    net = nn.Sequential(make())
+    data = [torch.randn(*shape) for _ in range(2)]
+    out = layer_input_grams(net, data)
+    assert list(out) == ["0.weight"]
+    rows_ = torch.cat([ref_conv_rows(net[0], x) for x in data])
+    gram_close(out["0.weight"], rows_)
+
+
+def test_input_grams_conv2d_match_f_unfold_and_small_chunks(monkeypatch):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=2)
+    x = torch.randn(4, 3, 9, 8)
+    u = F.unfold(x.double(), 3, dilation=2, padding=1, stride=2)          # [B, C·9, L]
+    rows_ = u.transpose(1, 2).reshape(-1, 27)
+    full = layer_input_grams(nn.Sequential(conv), x)["0.weight"]
+    gram_close(full, rows_)
+    import torchmerge.stats as S
+    monkeypatch.setattr(S, "UNFOLD_CHUNK_BYTES", 27 * 4 * 3)             # 3 rows a block: < 1 sample
+    gram_close(layer_input_grams(nn.Sequential(conv), x)["0.weight"], rows_)
+    monkeypatch.setattr(S, "UNFOLD_CHUNK_BYTES", 27 * 4 * 40)            # 2 samples a block
+    gram_close(layer_input_grams(nn.Sequential(conv), x)["0.weight"], rows_)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_input_grams_padding_same_matches_conv():
+    torch.manual_seed(3)
+    same = nn.Conv1d(2, 3, 4, padding="same")
+    valid = nn.Conv1d(2, 3, 4)
+    valid.load_state_dict(same.state_dict())
+    x = torch.randn(3, 2, 9)
+    xp = F.pad(x, [1, 2])                       # 'same' with k=4: 1 left, 2 right (extra on the right)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), valid(xp))
+    gram_close(layer_input_grams(same, x)["weight"], ref_conv_rows(valid, xp))
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)          # grouped: no entry
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)             # transposed: no entry
+        self.circ = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")   # not zeros: no entry
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+        self.unused = nn.Linear(2, 2)                               # never runs: no entry
+
+    def forward(self, x):
+        return self.fc(self.pool(self.circ(self.up(self.dw(self.conv(x))))).flatten(1))
+
+
+def test_input_grams_skip_grouped_transposed_and_restore_model():
+    net = Mixed().train()
+    net.fc.eval()
+    out = layer_input_grams(net, [(torch.randn(2, 3, 5, 5), 0)] * 2)
+    assert set(out) == {"conv.weight", "fc.weight"}
+    assert out["conv.weight"].shape == (27, 27) and out["fc.weight"].shape == (4, 4)
+    assert hook_count(net) == 0 and net.training and not net.fc.training
+    assert set(layer_input_grams(net, torch.randn(1, 3, 4, 4), layers=["fc", "dw"])) == {"fc.weight"}
+    assert set(layer_input_grams(net, torch.randn(1, 3, 4, 4), layers="conv.weight")) == {"conv.weight"}
+    with pytest.raises(TorchMergeError, match="no submodule 'nope'"):
+        layer_input_grams(net, torch.randn(1, 3, 4, 4), layers=["nope"])
+
+
+def test_input_grams_hooks_removed_on_error_and_max_batches():
+    net = Net(fail_on=2).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        layer_input_grams(net, batches())
+    assert hook_count(net) == 0 and net.training
+    net = Net()
+    one = layer_input_grams(net, batches(3), max_batches=1)
+    ref = layer_input_grams(net, batches(1))
+    assert one.keys() == {"conv.weight", "fc.weight"}
+    torch.testing.assert_close(one["fc.weight"], ref["fc.weight"])
+
+
+def test_input_grams_shared_module_gets_every_path():
+    lin = nn.Linear(3, 3)
+    net = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(4, 3)
+    out = layer_input_grams(net, x)
+    assert set(out) == {"0.weight", "2.weight"}
+    with torch.no_grad():
+        rows_ = torch.cat([x, torch.relu(lin(x))]).double()
+    gram_close(out["0.weight"], rows_)
+    gram_close(out["2.weight"], rows_)
+
+
+def test_regmean_of_identical_experts_with_input_grams_is_the_expert():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Identity(), nn.Flatten(2), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 2))
+    data = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    grams = layer_input_grams(net, data)
+    assert set(grams) == {"0.weight", "4.weight", "6.weight"}
+    experts = [copy.deepcopy(net).state_dict() for _ in range(3)]
+    merged = regmean(experts, [grams] * 3).state
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_input_grams_on_cuda_match_cpu():
+    net = Net()
+    ref = layer_input_grams(net, batches())
+    out = layer_input_grams(copy.deepcopy(net).cuda(), batches())
+    for k in ref:
+        assert out[k].device.type == "cuda"
+        torch.testing.assert_close(out[k].cpu(), ref[k], rtol=1e-4, atol=1e-4)

@@ -7,6 +7,8 @@ One machinery for every consumer that needs statistics of a model's activations:
   (RegMean/MaTS input Gram matrices) or of two aligned streams (``cross=True``: activation matching);
 - :func:`collect` / :func:`collect_paired` — run a model (or two) over batches with hooks on chosen
   modules and stream one statistic per module.
+- :func:`layer_input_grams` — the RegMean / MaTS input Gram sums ``{"<path>.weight": XᵀX}`` of every
+  Linear and (unfolded) Conv layer, in the format :func:`torchmerge.methods.regmean` expects.
 
 Numerics: every statistic keeps ``count`` (a Python int), means and *centred* co-moments
 (``M2 = Σ (x - mean)(x - mean)ᵀ``) in float64 on the activation's device, and combines blocks of
@@ -43,7 +45,7 @@ from .errors import TorchMergeError
 
 __all__ = [
     "Moments", "Gram", "iter_inputs", "collect", "collect_paired", "default_channel_axis",
-    "CHANNEL_FIRST_MODULES", "INPUT_KEYS",
+    "CHANNEL_FIRST_MODULES", "INPUT_KEYS", "layer_input_grams", "UNFOLD_CHUNK_BYTES",
 ]
 
 #: Modules whose (>= 3-d) inputs and outputs are laid out ``[B, C, *spatial]``.
@@ -701,3 +703,194 @@ def _check_drained(pending: dict[str, deque]) -> None:
             q.clear()
         raise TorchMergeError(f"collect_paired: sites {sorted(left)} of model_a ran without a matching "
                               "call of the paired model_b module in the same batch")
+
+
+# --------------------------------------------------------------------------------------------------
+# Input Gram matrices for RegMean / MaTS
+# --------------------------------------------------------------------------------------------------
+
+#: Upper bound (bytes) on one block of unfolded conv patches (or Linear rows) materialised at a time.
+UNFOLD_CHUNK_BYTES = 256 * 2**20
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _gram_width(module: nn.Module) -> int | None:
+    """d of the module's input Gram, or None when it gets no entry (grouped / transposed / padded
+    with a mode other than zeros / lazy / not a Linear or Conv)."""
+    if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return module.in_features
+    if isinstance(module, _CONVS) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        if module.transposed or module.groups != 1 or module.padding_mode != "zeros":
+            return None
+        return module.in_channels * math.prod(module.kernel_size)
+    return None
+
+
+def _conv_pads(conv: nn.Module) -> list[int]:
+    """``[left_0, right_0, left_1, …]`` zero padding per spatial dim (``'same'``: extra on the right,
+    as PyTorch does)."""
+    pads = []
+    for i, (k, d) in enumerate(zip(conv.kernel_size, conv.dilation)):
+        if conv.padding == "valid":
+            lo = hi = 0
+        elif conv.padding == "same":
+            total = d * (k - 1)
+            lo, hi = total // 2, total - total // 2
+        else:
+            lo = hi = conv.padding[i]
+        pads += [lo, hi]
+    return pads
+
+
+def _patches(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """View ``[B, *L, C, *k]`` of ``x`` ``[B, C, *spatial]``: the input patch of every output position,
+    so that ``patches.reshape(-1, d) @ W.reshape(out, -1).T + b`` is the conv's output (channels last)."""
+    ns = len(conv.kernel_size)
+    pads = _conv_pads(conv)
+    if any(pads):  # F.pad wants the last dim's pair first
+        x = torch.nn.functional.pad(x, [p for i in reversed(range(ns)) for p in pads[2 * i: 2 * i + 2]])
+    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window axis of length d(k-1)+1
+        if d > 1:
+            x = x[..., ::d]
+    # [B, C, *L, *k] → [B, *L, C, *k]
+    return x.movedim(1, 1 + ns)
+
+
+def _add_rows(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """acc (float64) += rowsᵀ rows; the product in float32 (float64 for float64 data)."""
+    rows = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    acc.add_(rows.T @ rows if rows.dtype == torch.float64 else (rows.T @ rows).double())
+
+
+def _accumulate_input_gram(module: nn.Module, d: int, x: torch.Tensor, acc: torch.Tensor,
+                           name: str, budget: int) -> int:
+    """Add one input's XᵀX to ``acc``; return the number of rows (samples) added."""
+    x = x.detach()
+    rows_per_block = max(1, budget // (d * max(x.element_size(), 4)))
+    if isinstance(module, nn.Linear):
+        if x.shape[-1] != d:
+            raise TorchMergeError(f"layer_input_grams: input of Linear {name!r} has shape "
+                                  f"{tuple(x.shape)}; expected last dim in_features={d}")
+        rows = x.reshape(-1, d)
+        for block in rows.split(rows_per_block):
+            _add_rows(acc, block)
+        return rows.shape[0]
+    ns = len(module.kernel_size)
+    if x.ndim == ns + 1:  # unbatched [C, *spatial]
+        x = x.unsqueeze(0)
+    if x.ndim != ns + 2 or x.shape[1] != module.in_channels:
+        raise TorchMergeError(f"layer_input_grams: input of {type(module).__name__} {name!r} has shape "
+                              f"{tuple(x.shape)}; expected [B, {module.in_channels}, *spatial({ns})]")
+    p = _patches(module, x)                                # [B, *L, C, *k] view
+    per_sample = math.prod(p.shape[1: 1 + ns])
+    if per_sample <= rows_per_block:                       # whole samples per block
+        for block in p.split(max(1, rows_per_block // max(per_sample, 1))):
+            _add_rows(acc, block.reshape(-1, d))
+    else:                                                  # one sample, slices of the first output axis
+        step = max(1, rows_per_block // max(1, per_sample // p.shape[1]))
+        for sample in p.split(1):
+            for block in sample.split(step, dim=1):
+                _add_rows(acc, block.reshape(-1, d))
+    return p.shape[0] * per_sample
+
+
+def _gram_sites(model: nn.Module, layers: Iterable[str] | None) -> dict[nn.Module, tuple[list[str], int]]:
+    """``{module: ([paths…], d)}`` for every supported module (every alias path of shared modules)."""
+    by_path = dict(model.named_modules(remove_duplicate=False))
+    if layers is not None:
+        wanted = [layers] if isinstance(layers, str) else list(layers)
+        chosen = []
+        for path in wanted:
+            if not isinstance(path, str):
+                raise TorchMergeError(f"layer_input_grams: layers must be module paths (str); got "
+                                      f"{type(path).__name__} {path!r}")
+            if path not in by_path and path.endswith(".weight") and path[:-7] in by_path:
+                path = path[:-7]  # a Gram key ("fc.weight") names its module
+            if path not in by_path:
+                known = [n for n, m in by_path.items() if n and _gram_width(m) is not None][:12]
+                raise TorchMergeError(f"layer_input_grams: {type(model).__name__} has no submodule "
+                                      f"{path!r}; Linear/Conv paths start with {known}")
+            chosen.append(path)
+        by_path = {p: by_path[p] for p in chosen}
+    sites: dict[nn.Module, tuple[list[str], int]] = {}
+    for path, mod in by_path.items():
+        d = _gram_width(mod)
+        if d is not None:
+            sites.setdefault(mod, ([], d))[0].append(path)
+    return sites
+
+
+def layer_input_grams(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None,
+                      layers: Iterable[str] | None = None, device: torch.device | str | None = None,
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """RegMean / MaTS input Gram matrices ``{"<module path>.weight": XᵀX}`` of a model over ``batches``
+    (the state-dict key of each weight; ``"weight"`` when ``model`` itself is the layer).
+
+    X is the input of every ``nn.Linear`` (rows: all leading axes, e.g. batch × tokens; d =
+    ``in_features``) and of every ``nn.Conv1d/2d/3d`` with ``groups == 1`` and zero padding (rows:
+    output positions; columns: the unfolded input patch with the conv's padding, stride and dilation,
+    d = ``in_channels · prod(kernel_size)`` — the X with ``conv(x) = X @ W.reshape(out, -1).T + b``).
+    Grouped, transposed and non-zero-padded convs (and modules that never ran) get no entry.
+    ``G`` is the **sum** over all samples (not the mean), float32 ``[d, d]`` on the model's device,
+    accumulated in float64 (per-block products in float32 for float32/half data). ``layers``
+    restricts to these module paths. Runs under ``no_grad`` in eval mode (flags restored, hooks
+    removed even on error); inputs go to ``device`` (default: the model's); conv patches are
+    unfolded in blocks of at most ``UNFOLD_CHUNK_BYTES``. Summed across ranks under
+    ``torch.distributed``. Shared modules get one entry per path.
+
+    >>> import torch
+    >>> from torchmerge.methods import regmean
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 8 * 8, 2))
+    >>> grams = layer_input_grams(net, [torch.randn(5, 3, 8, 8) for _ in range(2)])
+    >>> {k: tuple(g.shape) for k, g in grams.items()}
+    {'0.weight': (27, 27), '2.weight': (256, 256)}
+    >>> x = torch.randn(6, 3, 8, 8)
+    >>> bool(torch.isclose(layer_input_grams(net, x)["0.weight"][0, 0], x[:, 0, :-1, :-1].square().sum()))
+    True
+    >>> merged = regmean([net.state_dict()] * 2, [grams] * 2).state    # N identical experts → the expert
+    >>> torch.allclose(merged["0.weight"], net[0].weight, atol=1e-5)
+    True
+    """
+    sites = _gram_sites(model, layers)
+    modules = {paths[0]: mod for mod, (paths, _) in sites.items()}
+    dev = _device_of(model)
+    accs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        d = sites[module][1]
+        if name not in accs:
+            accs[name] = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+            counts[name] = 0
+        counts[name] += _accumulate_input_gram(module, d, x, accs[name], name, UNFOLD_CHUNK_BYTES)
+
+    device = device if device is not None else dev
+    with _hooked(modules, "input", hook), _mode([model], False):
+        for x in _progress(iter_inputs(batches, max_batches, device), progress, batches, max_batches):
+            model(x)
+    if _dist_ready():
+        _all_reduce_grams(modules, sites, accs, counts)
+    out: dict[str, torch.Tensor] = {}
+    for name, mod in modules.items():
+        if counts.get(name, 0) == 0:
+            continue
+        g = accs[name].to(device=dev if dev is not None else accs[name].device, dtype=torch.float32)
+        for i, path in enumerate(sites[mod][0]):
+            out[f"{path}.weight" if path else "weight"] = g if i == 0 else g.clone()
+    return out
+
+
+def _all_reduce_grams(modules: dict[str, nn.Module], sites: dict, accs: dict, counts: dict) -> None:
+    """Sum Grams and counts over ranks, in ``modules`` order (identical on every rank)."""
+    dist, comm = torch.distributed, _comm_device()
+    n = torch.tensor([float(counts.get(name, 0)) for name in modules], dtype=torch.float64, device=comm)
+    dist.all_reduce(n)
+    for (name, mod), total in zip(modules.items(), n.tolist()):
+        d = sites[mod][1]
+        g = accs[name].to(comm) if name in accs else torch.zeros(d, d, dtype=torch.float64, device=comm)
+        dist.all_reduce(g)
+        home = accs[name].device if name in accs else (_device_of(mod) or comm)
+        accs[name], counts[name] = g.to(home), int(round(total))
