@@ -34,6 +34,7 @@ from .base import MergeResult, pack_masks, task_vectors, unpack_mask
 from .dare import dare
 from .fisher import diagonal_fisher, fisher_merge
 from .mats import conjugate_gradient, mats
+from .pleas import PleasResult, pleas
 from .regmean import regmean
 from .tall import consensus, tall
 from .task_arithmetic import task_arithmetic
@@ -110,4 +111,5 @@ __all__ = [
     "METHODS", "merge_states", "hyperparameters", "MergeResult", "task_vectors", "pack_masks",
     "unpack_mask", "average", "task_arithmetic", "ties", "dare", "tall", "consensus", "regmean",
     "fisher_merge", "diagonal_fisher", "mats", "conjugate_gradient",
+    "pleas", "PleasResult",
 ]
