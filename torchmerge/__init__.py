@@ -7,15 +7,21 @@
 >>> torch.allclose(twin(torch.ones(1, 4)), net(torch.ones(1, 4)), atol=1e-6)
 True
 """
-from . import analysis
+from . import analysis, methods
 from .align import AlignResult, align, align_many
+from .correct import calibrate
 from .discover import discover, verify_spec
 from .errors import ShapeError, SpecError, TorchMergeError, TraceError, VerificationError
+from .merged import MergedModel
+from .modules import ChannelAffine, TaskAffine, TaskHeads
+from .pipeline import merge
 from .spec import FrozenSpace, Group, PermutationSpec, permute, permute_state_dict
+from .task_weights import TaskWeights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "analysis", "align", "align_many", "AlignResult", "discover", "verify_spec", "permute", "permute_state_dict", "PermutationSpec", "Group",
+    "merge", "MergedModel", "calibrate", "TaskAffine", "TaskHeads", "ChannelAffine", "TaskWeights",
+    "methods", "analysis", "align", "align_many", "AlignResult", "discover", "verify_spec", "permute", "permute_state_dict", "PermutationSpec", "Group",
     "FrozenSpace", "TorchMergeError", "TraceError", "ShapeError", "SpecError", "VerificationError",
 ]

@@ -1,0 +1,258 @@
+"""The merged model: rewriter, TaskHeads, TaskAffine, set_task, export, save/load, training.
+
+Every architecture of the discovery table goes through the same invariants: identity affines
+change nothing, ``export(t)`` equals the task-conditioned model with random affines, a mixed-task
+batch equals the per-task runs stacked.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import torchmerge as tm
+from architectures import BY_NAME, CASES, SAFETY_ONLY, randomize_
+
+# heads that auto-detection cannot place (the head is a bare parameter, or the output is the
+# residual stream itself): covered by the bad-input tests below instead
+NO_AUTO_HEADS = {"functional_params", "stream_output"}
+TABLE = [c for c in CASES + SAFETY_ONLY if c.name not in NO_AUTO_HEADS]
+
+
+def _inputs(case, batch=4, seed=0):
+    x = case.make_input(batch, seed)
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _experts(case, n=2):
+    """n experts of one architecture, different weights (and BatchNorm statistics)."""
+    base = case.make_model()
+    out = [base]
+    for i in range(1, n):
+        other = copy.deepcopy(base)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(i)
+            for t in list(other.parameters()) + [b for b in other.buffers() if b.is_floating_point()]:
+                t.add_(0.1 * torch.randn(t.shape, generator=gen)).abs_() if t.dim() == 1 and \
+                    t.min() > 0 else t.add_(0.1 * torch.randn(t.shape, generator=gen))
+        out.append(other)
+    return out
+
+
+def _merged(case, experts=None, **kw):
+    experts = experts or _experts(case)
+    kw = {"method": "average", "align": None, "correction": None, **kw}
+    return tm.merge(experts, example_inputs=_inputs(case), **kw).eval(), experts
+
+
+def _randomize_sites(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for site in model.sites().values():
+            site.scale.copy_(0.5 + torch.rand(site.scale.shape, generator=gen))
+            site.shift.copy_(torch.randn(site.shift.shape, generator=gen))
+
+
+def _close(a, b, atol=1e-5):
+    if isinstance(a, (tuple, list)):
+        return all(_close(x, y, atol) for x, y in zip(a, b))
+    return torch.allclose(a, b, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", TABLE, ids=str)
+def test_merged_model_invariants(case):
+    """Identity affines = the plain merge; export(t) = task t; mixed batch = per-task runs."""
+    merged, experts = _merged(case)
+    x = _inputs(case)
+    with torch.no_grad():
+        assert _close(merged(*x, task=1), _plain_merge(merged, experts, task=1)(*x))
+        _randomize_sites(merged)
+        for t in range(merged.num_tasks):
+            exported = merged.export(task=t).eval()
+            assert not any(isinstance(m, (tm.TaskAffine, tm.TaskHeads)) for m in exported.modules())
+            assert _close(exported(*x), merged(*x, task=t))
+        x6, ids = _inputs(case, batch=6), torch.tensor([1, 0, 0, 1, 1, 0])
+        mixed = merged(*x6, task=ids)
+        for t in range(2):
+            rows = (ids == t).nonzero().squeeze(1)
+            single = merged(*[v[rows] for v in x6], task=t)
+            got = [m[rows] for m in mixed] if isinstance(mixed, tuple) else mixed[rows]
+            assert _close(got, single)
+
+
+def _plain_merge(merged, experts, task):
+    """The average of the experts, written into a copy of expert ``task`` (its own head kept)."""
+    heads = [h.removeprefix("body.") for h in merged.heads()]
+    own = experts[task].state_dict()
+    state = {k: own[k] if any(k.startswith(h + ".") for h in heads) or not v.is_floating_point()
+             else sum(e.state_dict()[k] for e in experts) / len(experts)
+             for k, v in own.items()}
+    plain = copy.deepcopy(experts[task]).eval()
+    plain.load_state_dict(state)
+    return plain
+
+
+def test_exported_folds_conv_bn_chain():
+    """resnet: the affine after each BatchNorm is folded away (no ChannelAffine is left)."""
+    merged, _ = _merged(BY_NAME["resnet_basic"])
+    _randomize_sites(merged)
+    exported = merged.export(task=0)
+    assert not any(isinstance(m, tm.ChannelAffine) for m in exported.modules())
+    assert sum(p.numel() for p in exported.parameters()) == \
+        sum(p.numel() for p in BY_NAME["resnet_basic"].make_model().parameters())
+
+
+def test_fold_affine_keeps_function():
+    layers = [nn.Linear(5, 4), nn.Conv2d(3, 4, 3), nn.Conv1d(3, 4, 1, bias=False),
+              nn.ConvTranspose2d(3, 4, 2), nn.BatchNorm2d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4)]
+    inputs = [torch.randn(2, 5), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 7), torch.randn(2, 3, 4, 4),
+              torch.randn(2, 4, 3, 3), torch.randn(2, 6, 4), torch.randn(2, 4, 5)]
+    axes = [-1, 1, 1, 1, 1, -1, 1]
+    for layer, x, axis in zip(layers, inputs, axes):
+        layer = layer.eval()
+        scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+        shape = [1] * x.dim()
+        shape[axis] = 4
+        want = layer(x) * scale.view(shape) + shift.view(shape)
+        folded = copy.deepcopy(layer)
+        assert tm.rewrite.fold_affine(folded, scale, shift)
+        assert torch.allclose(folded(x), want, atol=1e-5), type(layer).__name__
+
+
+def test_tied_weights_are_not_folded():
+    case = BY_NAME["tied_head_lm"]
+    merged, _ = _merged(case, heads=[])
+    _randomize_sites(merged)
+    x = _inputs(case)
+    with torch.no_grad():
+        assert _close(merged.export(0)(*x), merged(*x, task=0))
+
+
+def test_set_task_context_manager_and_names():
+    merged, _ = _merged(BY_NAME["mlp"], task_names=["digits", "letters"])
+    _randomize_sites(merged)
+    x = _inputs(BY_NAME["mlp"])
+    with torch.no_grad():
+        merged.set_task("letters")
+        y1 = merged(*x)
+        assert torch.equal(y1, merged(*x, task=1))
+        with merged.task("digits"):
+            assert torch.equal(merged(*x), merged(*x, task=0))
+        assert merged.active_task == 1
+    assert "digits" in repr(merged) and "sites=" in repr(merged)
+
+
+def test_heads_of_different_sizes_and_mixed_batch_error():
+    from zoo_ops import MLP
+    experts = [randomize_(MLP(num_classes=k), seed=k) for k in (3, 5)]
+    merged = tm.merge(experts, method="average", example_inputs=torch.randn(2, 8), align=None,
+                      correction=None)
+    assert merged(torch.randn(2, 8), task=0).shape == (2, 3)
+    assert merged(torch.randn(2, 8), task=1).shape == (2, 5)
+    with pytest.raises(tm.TorchMergeError, match="equal output shapes"):
+        merged(torch.randn(2, 8), task=torch.tensor([0, 1]))
+    assert merged(torch.randn(2, 8), task=torch.tensor([1, 1])).shape == (2, 5)
+
+
+@pytest.mark.parametrize("task, match", [
+    (5, "out of range"), ("nope", "unknown task"), (torch.tensor([0, 1, 0]), "entries but the batch"),
+    (torch.tensor([[0, 1, 0, 1]]), "1-D LongTensor"), (torch.tensor([0.0, 1, 0, 1]), "1-D LongTensor"),
+    (-1, "out of range"), (1.5, "int or a 1-D"),
+])
+def test_bad_task_ids(task, match):
+    merged, _ = _merged(BY_NAME["mlp"])
+    with pytest.raises(tm.TorchMergeError, match=match):
+        merged(*_inputs(BY_NAME["mlp"]), task=task)
+
+
+def test_bad_heads():
+    case = BY_NAME["functional_params"]
+    with pytest.raises(tm.TorchMergeError, match="not inside a module"):
+        _merged(case)
+    with pytest.raises(tm.TorchMergeError, match="unknown head modules"):
+        _merged(BY_NAME["mlp"], heads=["nope"])
+
+
+def test_state_dict_round_trip_and_deepcopy():
+    case = BY_NAME["vit"]
+    merged, experts = _merged(case)
+    _randomize_sites(merged)
+    x = _inputs(case)
+    buffer = io.BytesIO()
+    torch.save(merged.state_dict(), buffer)
+    fresh, _ = _merged(case, experts=experts)
+    fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(fresh(*x, task=t), merged(*x, task=t))
+            assert torch.equal(copy.deepcopy(merged)(*x, task=t), merged(*x, task=t))
+
+
+def test_to_dtype_follows():
+    merged, _ = _merged(BY_NAME["mlp"])
+    merged = merged.to(torch.float64)
+    assert merged(torch.randn(2, 8, dtype=torch.float64), task=1).dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in merged.task_parameters())
+
+
+def test_training_step_changes_only_task_parameters():
+    case = BY_NAME["resnet_basic"]
+    merged, _ = _merged(case)
+    merged.train()
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    trainable = list(merged.task_parameters())
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    out = merged(*_inputs(case), task=torch.tensor([0, 1, 0, 1]))
+    out.square().mean().backward()
+    opt.step()
+    trainable_ids = {id(p) for p in trainable}
+    names = {n for n, p in merged.named_parameters() if id(p) in trainable_ids}
+    after = merged.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    changed_params = {k for k in changed if k in dict(merged.named_parameters())}
+    assert changed_params and changed_params <= names
+    assert all(k.startswith(("body.sites.", "body.fc.")) for k in changed_params)
+
+
+def test_tall_weights_switch_with_task():
+    case = BY_NAME["mlp"]
+    experts = _experts(case, 3)
+    merged, _ = _merged(case, experts=experts, method="tall", lam=0.0)
+    # λ = 0 keeps every entry where the task vector is non-zero: each task gets θ₀ + τ_MTL masked
+    x = _inputs(case)
+    with torch.no_grad():
+        per_task = [merged(*x, task=t) for t in range(3)]
+        mixed = merged(*x, task=torch.tensor([2, 0, 1, 2]))
+    for i, t in enumerate([2, 0, 1, 2]):
+        assert torch.allclose(mixed[i], per_task[t][i], atol=1e-6)
+    assert merged.task_weights is not None and merged.task_weights.num_tasks == 3
+
+
+def test_experts_are_untouched():
+    case = BY_NAME["resnet_basic"]
+    experts = _experts(case)
+    before = [copy.deepcopy(e.state_dict()) for e in experts]
+    data = [[_inputs(case, 8, s)[0] for s in range(2)] for _ in experts]
+    tm.merge(experts, method="ties", data=data, align="weight", correction="affine")
+    for e, b in zip(experts, before):
+        assert all(torch.equal(v, b[k]) for k, v in e.state_dict().items())
+
+
+@pytest.mark.slow
+def test_torch_compile_preserves_outputs():
+    case = BY_NAME["mlp"]
+    merged, _ = _merged(case)
+    _randomize_sites(merged)
+    x = _inputs(case)
+    compiled = torch.compile(merged)
+    with torch.no_grad():
+        assert torch.allclose(compiled(*x, task=1), merged(*x, task=1), atol=1e-5)
+        ids = torch.tensor([0, 1, 1, 0])
+        assert torch.allclose(compiled(*x, task=ids), merged(*x, task=ids), atol=1e-5)

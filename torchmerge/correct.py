@@ -1,0 +1,382 @@
+"""Calibration: fit the merged model's TaskAffine sites to repair variance collapse.
+
+After merging, per-channel activation statistics shrink and drift ("variance collapse", the main
+reason non-local merges fail). For task t, at every site s (a TaskAffine after a layer), the
+affine is set so the merged model's channel statistics on task t's data equal expert t's at the
+same place of the aligned expert (Sharma, Roy, Dziugaite 2024; REPAIR, Jordan et al. 2023)::
+
+    y = sqrt(σ_e² + ε) / sqrt(σ_m² + ε) · (x − μ_m) + μ_e        (ε on both sides: equal stats → identity)
+
+Modes
+  ``"affine"``       one affine per task (the paper's method).
+  ``"repair"``       one affine shared by all tasks; targets are the experts' statistics averaged
+                     over tasks, the merged statistics are taken on the union of the tasks' data.
+  ``"affine+tune"``  ``"affine"``, then a few Adam steps on the affine rows of each task (and its
+                     head, ``tune_heads=True``) that distil expert t's outputs on task t's data.
+
+Progressive, in two merged passes and one expert pass per task: downstream sites see upstream
+corrections. Pass 1 runs the expert and the merged model on each batch in turn and refits every
+site *on that batch* (merged batch statistics → the expert's on the same batch) before its output
+flows on, like a BatchNorm in train mode; the cumulative statistics then give each site's affine.
+Pass 2 re-measures the merged statistics with those affines in place and refits
+(``passes=3`` or more repeats it). Equal models give exactly the identity.
+
+>>> import torch, torchmerge as tm
+>>> experts = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+...            for _ in range(2)]
+>>> data = [[torch.randn(16, 4) for _ in range(3)] for _ in experts]
+>>> merged = tm.merge(experts, method="average", data=data, align=None, correction=None)
+>>> report = calibrate(merged, experts, data, mode="affine")
+>>> report["mode"], report["tasks"]["task0"]["sites"]
+('affine', 1)
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TorchMergeError
+from .modules import TaskAffine
+from .stats import Moments, _dist_ready, _mode, _progress, iter_inputs
+from .trace import trace
+
+MODES = ("affine", "repair", "affine+tune")
+
+
+def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
+              allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
+              tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
+              tune_heads: bool = False, progress: bool = False) -> dict:
+    """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
+
+    ``experts``: the *aligned* experts (same unit order as the merged model), one per task.
+    ``data``: one iterable of batches per task (``None``: no data for that task — an error unless
+    ``allow_uncorrected=True``, which leaves that task's affines at the identity).
+    """
+    if mode not in MODES:
+        raise TorchMergeError(f"unknown correction {mode!r}; valid: {', '.join(MODES)}")
+    if passes < 1:
+        raise TorchMergeError(f"passes must be >= 1, got {passes}")
+    if tune_loss not in ("kl", "mse"):
+        raise TorchMergeError(f"tune_loss must be 'kl' or 'mse', got {tune_loss!r}")
+    experts, data = list(experts), list(data) if data is not None else [None] * merged.num_tasks
+    if len(experts) != merged.num_tasks or len(data) != merged.num_tasks:
+        raise TorchMergeError(f"calibrate needs one expert and one data iterable per task: "
+                              f"{merged.num_tasks} tasks, {len(experts)} experts, {len(data)} data")
+    missing = [merged.task_names[t] for t, d in enumerate(data) if d is None]
+    if missing and not allow_uncorrected:
+        raise TorchMergeError(f"no calibration data for tasks {missing}: give data for every task, or "
+                              "pass allow_uncorrected=True to leave those tasks uncorrected")
+    if not merged.sites():
+        raise TorchMergeError("the merged model has no TaskAffine sites to calibrate; build it with "
+                              "sites='layer' or 'block'")
+    opts = dict(max_batches=max_batches, passes=passes, eps=eps, progress=progress)
+    report = {"mode": mode, "passes": passes, "uncorrected": missing, "tasks": {}}
+    if mode == "repair":
+        report["tasks"] = _fit_shared(merged, experts, data, **opts)
+    else:
+        for t, (expert, batches) in enumerate(zip(experts, data)):
+            if batches is not None:
+                report["tasks"][merged.task_names[t]] = _fit_task(merged, expert, batches, t, **opts)
+    if mode == "affine+tune":
+        for t, (expert, batches) in enumerate(zip(experts, data)):
+            if batches is not None:
+                loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr, loss=tune_loss,
+                            heads=tune_heads, max_batches=max_batches)
+                report["tasks"][merged.task_names[t]]["tune_loss"] = loss
+    merged.info = {**getattr(merged, "info", {}), "calibration": report}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics at the sites
+
+
+def observed_expert(merged, expert: nn.Module, example, on_site) -> fx.GraphModule:
+    """``expert`` traced, with ``on_site(site_name, activation)`` called at the fx node each site
+    of ``merged`` follows. The graph shares the expert's modules (no copy); the expert is unchanged."""
+    gm = trace(expert, (example,), **getattr(merged, "trace_options", {}))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, (name, site) in enumerate(merged.sites().items()):
+        if site.site_node not in nodes:
+            raise TorchMergeError(f"site {name} follows fx node '{site.site_node}', which the expert's "
+                                  f"graph ({type(expert).__name__}) lacks: experts must share the merged "
+                                  "model's architecture")
+        gm.add_submodule(f"_observe_{i}", _Observer(name, on_site))
+        node = nodes[site.site_node]
+        with gm.graph.inserting_after(node):
+            obs = gm.graph.call_module(f"_observe_{i}", (node,))
+        node.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)
+    gm.recompile()
+    return gm
+
+
+class _Observer(nn.Module):
+    def __init__(self, name: str, on_site):
+        super().__init__()
+        self.name, self.on_site = name, on_site
+
+    def forward(self, x):
+        self.on_site(self.name, x.detach())
+        return x
+
+
+def _first_input(batches, device):
+    example = next(iter(iter_inputs(batches, 1, device)), None)
+    if example is None:
+        raise TorchMergeError("a task's calibration data yielded no batches")
+    return example
+
+
+def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progress=False) -> dict:
+    """``{site: Moments}`` of ``expert`` at the fx node each site of ``merged`` follows."""
+    sites = merged.sites()
+    stats = {name: Moments() for name in sites}
+    gm = observed_expert(merged, expert, _first_input(batches, _device(expert)),
+                         lambda name, x: stats[name].update(x, sites[name].channel_axis))
+    with _mode([gm], False):
+        for x in _progress(iter_inputs(batches, max_batches, _device(expert)), progress, batches, max_batches):
+            gm(x)
+    return _reduced(stats)
+
+
+def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None,
+                   max_batches=None, progress=False) -> dict:
+    """``{site: Moments}`` of ``merged`` for ``task`` at each site's input (or output).
+
+    ``on_batch(site_name, site, moments)``, if given, runs after each update, before the site's
+    forward: progressive fitting uses it to refresh the site's affine from the running estimate.
+    """
+    sites = merged.sites()
+    stats = {name: Moments() for name in sites}
+
+    def hook(name, site, x):
+        stats[name].update(x.detach(), site.channel_axis)
+        if on_batch is not None:
+            on_batch(name, site, stats[name])
+
+    handles = []
+    try:
+        for name, site in sites.items():
+            if where == "input":
+                handles.append(site.register_forward_pre_hook(
+                    lambda m, args, name=name: hook(name, m, args[0])))
+            else:
+                handles.append(site.register_forward_hook(
+                    lambda m, args, out, name=name: hook(name, m, out)))
+        with _mode([merged], False):
+            for x in _progress(iter_inputs(batches, max_batches, _device(merged)), progress, batches,
+                               max_batches):
+                merged(x, task=task)
+    finally:
+        for h in handles:
+            h.remove()
+    return _reduced(stats)
+
+
+def site_moments(merged, experts, data, task, max_batches=None) -> dict:
+    """``{site: (merged Moments after the site's affine, expert Moments)}`` on task's data.
+
+    The variance ratio ``merged.var / expert.var`` near 0 is the collapse the correction fixes.
+    """
+    t = merged.task_index(task)
+    expert = expert_moments(merged, experts[t], data[t], max_batches)
+    mine = merged_moments(merged, t, data[t], where="output", max_batches=max_batches)
+    return {name: (mine[name], expert[name]) for name in mine}
+
+
+def _reduced(stats: dict) -> dict:
+    if _dist_ready():
+        for s in stats.values():
+            s.all_reduce()
+    return stats
+
+
+def _device(model: nn.Module):
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+def affine_fit(merged: Moments, target_mean, target_var, eps: float) -> tuple:
+    """(scale, shift) mapping the merged moments onto the target mean and variance (float64)."""
+    scale = (target_var + eps).sqrt() / (merged.var + eps).sqrt()
+    return scale, target_mean - scale * merged.mean
+
+
+def _set_rows(site: TaskAffine, rows, scale, shift) -> None:
+    with torch.no_grad():
+        site.scale[rows] = scale.to(site.scale)
+        site.shift[rows] = shift.to(site.shift)
+
+
+def _fit_task(merged, expert, batches, t, *, max_batches, passes, eps, progress) -> dict:
+    """Progressive closed-form fit of task t's rows: one paired pass, then ``passes − 1`` refits."""
+    sites = merged.sites()
+    for site in sites.values():  # start from the identity: the fit is relative to the raw input
+        _set_rows(site, t, torch.ones(1), torch.zeros(1))
+    target, stats = _paired_pass(merged, expert, batches, t, max_batches, eps, progress)
+    for p in range(passes):
+        if p > 0:
+            stats = merged_moments(merged, t, batches, max_batches=max_batches, progress=progress)
+        before = {n: site.scale[t].detach().clone() for n, site in sites.items()}
+        for name, site in sites.items():
+            _set_rows(site, t, *affine_fit(stats[name], target[name].mean, target[name].var, eps))
+    return {"sites": len(sites), "change": _change(sites, before, t)}
+
+
+def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
+    """Expert and merged model on each batch in turn; each site's affine is refit *on that batch*
+    so the merged batch statistics equal the expert's before the activations flow downstream.
+    Returns cumulative (expert, merged pre-affine) moments. Equal models give the identity."""
+    sites = merged.sites()
+    target = {name: Moments() for name in sites}
+    mine = {name: Moments() for name in sites}
+    batch_target = {}
+
+    def on_expert(name, x):
+        axis = sites[name].channel_axis
+        target[name].update(x, axis)
+        batch_target[name] = _batch_moments(x, axis)
+
+    gm = observed_expert(merged, expert, _first_input(batches, _device(expert)), on_expert)
+
+    def pre_hook(site, args, name):
+        x = args[0].detach()
+        mine[name].update(x, site.channel_axis)
+        mean_m, var_m = _batch_moments(x, site.channel_axis)
+        mean_e, var_e = batch_target[name]
+        scale = (var_e + eps).sqrt() / (var_m + eps).sqrt()
+        _set_rows(site, t, scale, mean_e - scale * mean_m)
+
+    handles = [site.register_forward_pre_hook(lambda m, args, name=name: pre_hook(m, args, name))
+               for name, site in sites.items()]
+    try:
+        with _mode([gm, merged], False):
+            for x in _progress(iter_inputs(batches, max_batches), progress, batches, max_batches):
+                gm(x.to(_device(expert)))
+                merged(x.to(_device(merged)), task=t)
+    finally:
+        for h in handles:
+            h.remove()
+    return _reduced(target), _reduced(mine)
+
+
+def _batch_moments(x, axis):
+    """Per-channel (mean, population variance) of one batch, float64."""
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    var, mean = torch.var_mean(x.double() if x.dtype != torch.float32 else x, dim=dims, correction=0)
+    return mean.double(), var.double()
+
+
+def _change(sites, before, t) -> float:
+    """Largest relative change of a scale in the last pass: how far from converged the fit is."""
+    return max(float(((site.scale[t].detach() - before[n]).abs() / before[n].abs().clamp_min(1e-6)).max())
+               for n, site in sites.items())
+
+
+def _fit_shared(merged, experts, data, *, max_batches, passes, eps, progress) -> dict:
+    """REPAIR: one affine for all tasks, targets = experts' statistics averaged over tasks."""
+    present = [t for t, d in enumerate(data) if d is not None]
+    targets = [expert_moments(merged, experts[t], data[t], max_batches, progress) for t in present]
+    sites = merged.sites()
+    mean = {n: torch.stack([tg[n].mean for tg in targets]).mean(0) for n in sites}
+    var = {n: torch.stack([tg[n].var.sqrt() for tg in targets]).mean(0).square() for n in sites}
+    union = _Interleaved([data[t] for t in present], max_batches)
+    for site in sites.values():
+        _set_rows(site, slice(None), torch.ones(1), torch.zeros(1))
+
+    def refit(name, site, moments):
+        _set_rows(site, slice(None), *affine_fit(moments, mean[name], var[name], eps))
+
+    for p in range(passes):
+        online = p == 0 and passes > 1
+        stats = merged_moments(merged, present[0], union, on_batch=refit if online else None,
+                               progress=progress)
+        for name, site in sites.items():
+            refit(name, site, stats[name])
+    return {merged.task_names[t]: {"sites": len(sites), "shared": True} for t in present}
+
+
+class _Interleaved:
+    """Batches of several tasks, round-robin (re-iterable: one pass per ``iter``)."""
+
+    def __init__(self, sources, max_batches):
+        self.sources, self.max_batches = sources, max_batches
+
+    def __iter__(self):
+        streams = [itertools.islice(iter_inputs(s), self.max_batches) for s in self.sources]
+        for group in itertools.zip_longest(*streams):
+            yield from (b for b in group if b is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# affine+tune: distil the expert into the task's affine rows
+
+
+def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=False,
+         max_batches=None) -> float:
+    """Adam steps on task ``task``'s affine rows (and head) distilling ``expert``'s outputs.
+
+    No labels are used. ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K];
+    ``"mse"``: mean squared error for any output. Returns the mean loss of the last 10 steps.
+    """
+    t = merged.task_index(task)
+    params = [p for site in merged.sites().values() for p in (site.scale, site.shift)]
+    if heads:
+        params += [p for h in merged.heads().values() for p in h.heads[t].parameters()]
+    device = _device(merged)
+    batches_list = list(itertools.islice(iter_inputs(batches, max_batches, device), max_batches))
+    if not batches_list or steps <= 0:
+        return float("nan")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    with _only_trainable(merged, params), _mode([merged, expert], False), torch.enable_grad():
+        for step in range(steps):
+            x = batches_list[step % len(batches_list)]
+            with torch.no_grad():
+                target = expert(x.to(_device(expert)))
+            out = merged(x, task=t)
+            value = _distill(out, target.to(out), loss)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            losses.append(float(value.detach()))
+    return sum(losses[-10:]) / len(losses[-10:])
+
+
+def _distill(out, target, loss):
+    if loss == "mse":
+        return F.mse_loss(out.float(), target.float())
+    if out.dim() != 2:
+        raise TorchMergeError(f"tune_loss='kl' needs logits [B, K], got output shape {tuple(out.shape)}; "
+                              "use tune_loss='mse'")
+    return F.kl_div(out.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+@contextlib.contextmanager
+def _only_trainable(model, params):
+    """Freeze every parameter but ``params`` (flags restored on exit)."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+__all__ = ["calibrate", "MODES", "expert_moments", "merged_moments", "site_moments", "affine_fit",
+           "tune"]

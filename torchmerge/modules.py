@@ -1,0 +1,115 @@
+"""Task-conditioned building blocks of the merged model: TaskAffine and TaskHeads.
+
+Both take the task as a second input: a Python ``int`` (one task for the whole batch, the fast
+path) or a ``LongTensor`` of shape ``[B]`` (one task per sample, batch axis first).
+
+>>> import torch
+>>> affine = TaskAffine(num_tasks=2, channels=3, channel_axis=1)
+>>> x = torch.randn(4, 3, 5, 5)
+>>> torch.equal(affine(x, 0), x)            # starts as the identity
+True
+>>> affine(x, torch.tensor([0, 1, 1, 0])).shape
+torch.Size([4, 3, 5, 5])
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import TorchMergeError
+
+
+def check_task_ids(task, num_tasks: int, batch: int | None = None, where: str = ""):
+    """Validate an int task or a [B] LongTensor of task ids (raise TorchMergeError)."""
+    if isinstance(task, int) and not isinstance(task, bool):
+        if not 0 <= task < num_tasks:
+            raise TorchMergeError(f"task {task} out of range: the model has {num_tasks} tasks{where}")
+        return
+    if not isinstance(task, torch.Tensor) or task.dtype not in (torch.int64, torch.int32) or task.dim() != 1:
+        got = f"tensor of shape {tuple(task.shape)} and dtype {task.dtype}" if isinstance(task, torch.Tensor) \
+            else type(task).__name__
+        raise TorchMergeError(f"task ids must be an int or a 1-D LongTensor [batch], got {got}{where}")
+    if batch is not None and task.shape[0] != batch:
+        raise TorchMergeError(f"task ids have {task.shape[0]} entries but the batch has {batch}{where}")
+
+
+def _broadcast_rows(table: torch.Tensor, task, ndim: int, axis: int) -> torch.Tensor:
+    """table[task] shaped to broadcast against an ndim-tensor whose channels lie on ``axis``."""
+    axis = axis % ndim
+    shape = [1] * ndim
+    shape[axis] = table.shape[1]
+    if isinstance(task, int):
+        return table[task].view(shape)
+    shape[0] = task.shape[0]
+    return table.index_select(0, task.to(table.device)).view(shape)
+
+
+class TaskAffine(nn.Module):
+    """Per-task, per-channel ``y = scale[t] · x + shift[t]``; parameters are ``[T, C]``."""
+
+    def __init__(self, num_tasks: int, channels: int, channel_axis: int = 1, dtype=None, device=None):
+        super().__init__()
+        self.channel_axis = channel_axis
+        self.site_node = None  # name of the fx node this site follows (set by the rewriter)
+        self.scale = nn.Parameter(torch.ones(num_tasks, channels, dtype=dtype, device=device))
+        self.shift = nn.Parameter(torch.zeros(num_tasks, channels, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, task) -> torch.Tensor:
+        if x.shape[self.channel_axis] != self.scale.shape[1]:
+            raise TorchMergeError(f"TaskAffine expects {self.scale.shape[1]} channels on axis "
+                                  f"{self.channel_axis}, got input of shape {tuple(x.shape)}")
+        scale = _broadcast_rows(self.scale, task, x.dim(), self.channel_axis)
+        shift = _broadcast_rows(self.shift, task, x.dim(), self.channel_axis)
+        return torch.addcmul(shift, x, scale)
+
+    def set_identity(self) -> None:
+        with torch.no_grad():
+            self.scale.fill_(1.0)
+            self.shift.zero_()
+
+    def extra_repr(self) -> str:
+        t, c = self.scale.shape
+        return f"tasks={t}, channels={c}, channel_axis={self.channel_axis}"
+
+
+class ChannelAffine(nn.Module):
+    """A fixed per-channel affine (what a TaskAffine becomes on export where it cannot be folded)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_axis: int):
+        super().__init__()
+        self.channel_axis = channel_axis
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+
+    def forward(self, x):
+        return torch.addcmul(_broadcast_rows(self.shift[None], 0, x.dim(), self.channel_axis), x,
+                             _broadcast_rows(self.scale[None], 0, x.dim(), self.channel_axis))
+
+
+class TaskHeads(nn.Module):
+    """One head module per task; a mixed batch runs each task's head on its own samples."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor, task) -> torch.Tensor:
+        if isinstance(task, int):
+            return self.heads[task](x)
+        outs = {}
+        for t in task.unique().tolist():  # a loop over tasks present, never over samples
+            rows = (task == t).nonzero().squeeze(1).to(x.device)
+            outs[t] = (rows, self.heads[t](x.index_select(0, rows)))
+        first = next(iter(outs.values()))[1]
+        shapes = {tuple(o.shape[1:]) for _, o in outs.values()}
+        if len(shapes) > 1:
+            sizes = {t: tuple(o.shape[1:]) for t, (_, o) in outs.items()}
+            raise TorchMergeError(f"a mixed-task batch needs heads with equal output shapes, got {sizes}; "
+                                  "run tasks with different head sizes separately (model.set_task)")
+        out = first.new_empty((x.shape[0],) + first.shape[1:])
+        for rows, o in outs.values():
+            out.index_copy_(0, rows, o)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"tasks={len(self.heads)}"

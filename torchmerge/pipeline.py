@@ -1,0 +1,155 @@
+"""``tm.merge``: discovery → alignment → merging → rewriting → calibration, in one call."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from . import methods as merge_methods
+from .align import align_many
+from .discover import discover
+from .correct import MODES, calibrate
+from .errors import TorchMergeError
+from .merged import MergedModel
+from .rewrite import build_graph, head_modules
+from .spec import permute
+from .stats import iter_inputs, layer_input_grams
+from .task_weights import TaskWeights
+
+CORRECTIONS = (None, *MODES)
+
+
+def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, align="weight",
+          correction="affine", heads="auto", sites="layer", example_inputs=None, task_names=None,
+          leaf_modules=(), concrete_args=None, max_batches=None, allow_uncorrected=False,
+          calibration=None, seed: int = 0, **method_kwargs) -> MergedModel:
+    """Merge ``experts`` into one task-conditioned :class:`MergedModel`.
+
+    ``experts``: modules of one architecture (task heads may differ in size). ``base``: None, one
+    module, or one module per expert (non-local: the init each expert descends from; the bases are
+    aligned and the experts follow their base's permutation). ``data``: one iterable of batches
+    per task (tensors, ``(x, y)`` tuples or dicts), used by activation alignment, data-driven
+    methods and the correction. ``align``: "weight", "activation" or None. ``correction``:
+    "affine" (task-wise, Sharma et al. 2024), "repair" (one shared affine), "affine+tune", or None.
+    ``method_kwargs`` go to the merge method (e.g. ``lam=0.4``, ``k=0.2``).
+    """
+    experts = _check_experts(experts)
+    data = _check_data(data, len(experts), method, align, correction, allow_uncorrected)
+    if correction not in CORRECTIONS:
+        raise TorchMergeError(f"unknown correction {correction!r}; valid: {CORRECTIONS}")
+    merge_methods.hyperparameters(method)  # unknown method names fail before any work
+    if example_inputs is None:
+        if data is None or data[0] is None:
+            raise TorchMergeError("pass example_inputs=<one batch> or data=[batches per task] so the "
+                                  "experts can be traced")
+        example_inputs = next(iter(iter_inputs(data[0], max_batches=1)))
+    reference = experts[0]
+    spec = discover(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    head_paths = head_modules(reference, spec, heads)
+    bases = _bases(base, len(experts))
+
+    perms = [spec.identity_perms()] * len(experts)
+    if align is not None:
+        align_data = None if align == "weight" else _union(data, max_batches)
+        perms = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed)
+    aligned = [permute(e, spec, p) for e, p in zip(experts, perms)]
+    aligned_bases = None if bases is None else [permute(b, spec, p) for b, p in zip(bases, perms)]
+
+    shared = [_shared_state(e, head_paths) for e in aligned]
+    base_states = _base_states(aligned_bases, bases, head_paths)
+    stats = _method_stats(method, aligned, data, max_batches, head_paths)
+    result = merge_methods.merge_states(method, shared, base_states, stats, **method_kwargs)
+
+    heads_per_task = [{p: e.get_submodule(p) for p in head_paths} for e in aligned]
+    body = build_graph(aligned[0], example_inputs, result.state, heads_per_task, head_paths, sites,
+                       leaf_modules, concrete_args)
+    names = task_names or [f"task{i}" for i in range(len(experts))]
+    if len(names) != len(experts):
+        raise TorchMergeError(f"{len(names)} task names for {len(experts)} experts")
+    weights = TaskWeights.from_result(result) if result.masks else None
+    merged = MergedModel(body, names, weights).to(_device(reference))
+    merged.trace_options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
+    merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
+                   "merge_info": result.info}
+    if correction is not None:
+        calibrate(merged, aligned, data, mode=correction, max_batches=max_batches,
+                  allow_uncorrected=allow_uncorrected, **(calibration or {}))
+    return merged
+
+
+def _check_experts(experts) -> list:
+    experts = list(experts) if not isinstance(experts, nn.Module) else None
+    if not experts or not all(isinstance(e, nn.Module) for e in experts):
+        raise TorchMergeError("experts must be a non-empty list of torch.nn.Module")
+    kinds = {type(e).__name__ for e in experts}
+    if len(kinds) > 1:
+        raise TorchMergeError(f"experts must share one architecture, got classes {sorted(kinds)}")
+    return experts
+
+
+def _check_data(data, n, method, align, correction, allow_uncorrected):
+    data_driven = method in ("regmean", "fisher", "mats")
+    needs = align == "activation" or data_driven or (correction is not None and not allow_uncorrected)
+    if data is None:
+        if needs:
+            why = [w for w, c in (("align='activation'", align == "activation"),
+                                  (f"method={method!r}", data_driven),
+                                  (f"correction={correction!r}", correction is not None)) if c]
+            raise TorchMergeError(f"{' and '.join(why)} need data=[one iterable of batches per task]; "
+                                  "or pass correction=None (and a data-free method) to merge without data")
+        return None
+    data = list(data)
+    if len(data) != n:
+        raise TorchMergeError(f"data has {len(data)} entries for {n} experts: give one iterable of "
+                              "batches per task (None for a task without data)")
+    return data
+
+
+def _bases(base, n):
+    if base is None:
+        return None
+    if isinstance(base, nn.Module):
+        return [base] * n
+    base = list(base)
+    if len(base) != n or not all(isinstance(b, nn.Module) for b in base):
+        raise TorchMergeError(f"base must be None, one module, or {n} modules (one per expert)")
+    return base
+
+
+def _union(data, max_batches):
+    """Batches of every task, interleaved (activation alignment sees all tasks)."""
+    streams = [list(itertools.islice(iter(d), max_batches)) for d in data if d is not None]
+    return [b for group in itertools.zip_longest(*streams) for b in group if b is not None]
+
+
+def _under(key, paths) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in paths)
+
+
+def _shared_state(model: nn.Module, head_paths) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not _under(k, head_paths)}
+
+
+def _base_states(aligned_bases, bases, head_paths):
+    if bases is None:
+        return None
+    if all(b is bases[0] for b in bases):  # one shared base: one state, not T copies
+        return _shared_state(aligned_bases[0], head_paths)
+    return [_shared_state(b, head_paths) for b in aligned_bases]
+
+
+def _method_stats(method, aligned, data, max_batches, head_paths):
+    """Per-expert statistics of the data-driven methods, heads left out (they are not merged)."""
+    if method == "fisher":
+        stats = [merge_methods.diagonal_fisher(e, d, max_batches=max_batches) for e, d in zip(aligned, data)]
+    elif method in ("regmean", "mats"):
+        stats = [layer_input_grams(e, d, max_batches=max_batches) for e, d in zip(aligned, data)]
+    else:
+        return None
+    return [{k: v for k, v in s.items() if not _under(k, head_paths)} for s in stats]
+
+
+def _device(model: nn.Module):
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")

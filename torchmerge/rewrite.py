@@ -1,0 +1,237 @@
+"""Graph edits that turn one traced expert into the task-conditioned merged graph, and back.
+
+* :func:`build_graph` — trace a template expert, load the merged weights, add a ``task`` input,
+  replace each head by a :class:`TaskHeads` and insert a :class:`TaskAffine` at every site.
+* :func:`export_graph` — one task's plain graph: heads picked, affines folded into the layer that
+  produces their input (Linear, Conv, BatchNorm, LayerNorm, GroupNorm), the ``task`` input removed.
+
+Sites: ``"layer"`` (default) — after each Linear/Conv, or after the norm that directly follows it,
+before the activation; ``"block"`` — after each residual add; or a callable
+``(node, module_or_None) -> bool`` choosing nodes.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TorchMergeError
+from .modules import ChannelAffine, TaskAffine, TaskHeads
+from .trace import trace
+
+LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+ADDS = (operator.add, operator.iadd, torch.add)
+TASK = "task"
+
+
+def build_graph(template: nn.Module, example_inputs, state: dict, heads: list, head_paths,
+                sites="layer", leaf_modules=(), concrete_args=None) -> fx.GraphModule:
+    """The merged graph; ``heads[t]`` maps each head path to task t's head module."""
+    template = copy.deepcopy(template)
+    own = template.state_dict()  # fx may add constants to the graph module: only the model's own
+    missing = [k for k in own if k not in state and not _under(k, head_paths)]
+    if missing:
+        raise TorchMergeError(f"merged weights lack {missing[:5]}; merge every non-head tensor")
+    template.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    gm = trace(template, example_inputs, leaf_modules, concrete_args)
+    task = _add_task_input(gm)
+    for path in head_paths:
+        _replace_head(gm, path, [h[path] for h in heads], task)
+    for i, node in enumerate(select_sites(gm, sites, head_paths)):
+        _insert_affine(gm, node, task, len(heads), f"site{i}_{_slug(node)}")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _under(key: str, paths) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in paths)
+
+
+def _slug(node: fx.Node) -> str:
+    return str(node.target if node.op == "call_module" else node.name).replace(".", "_")
+
+
+def _add_task_input(gm: fx.GraphModule) -> fx.Node:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(p.target == TASK for p in placeholders):
+        raise TorchMergeError(f"the model's forward already has an argument named {TASK!r}")
+    with gm.graph.inserting_after(placeholders[-1]):
+        return gm.graph.placeholder(TASK)
+
+
+def _replace_head(gm: fx.GraphModule, path: str, modules: list, task: fx.Node) -> None:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]
+    if len(nodes) != 1:
+        raise TorchMergeError(f"head '{path}' must be one module called once in forward "
+                              f"(found {len(nodes)} calls); pass heads=[...] naming the head modules")
+    gm.add_submodule(path, TaskHeads([copy.deepcopy(m) for m in modules]))
+    nodes[0].args = nodes[0].args + (task,)
+
+
+def head_modules(model: nn.Module, spec, heads="auto") -> list:
+    """Paths of the modules that own the task heads (``spec.heads``) or those the user names."""
+    if heads == "auto":
+        owners = {name.rsplit(".", 1)[0] for name in spec.heads if "." in name}
+        if any("." not in name for name in spec.heads):
+            raise TorchMergeError(f"head parameters {spec.heads} are not inside a module; wrap the head "
+                                  "in an nn.Module or pass heads=[module paths]")
+        return sorted(owners)
+    if callable(heads):
+        return [n for n, m in model.named_modules() if n and heads(n, m)]
+    names = dict(model.named_modules())
+    unknown = [h for h in heads if h not in names]
+    if unknown:
+        raise TorchMergeError(f"unknown head modules {unknown}; valid paths include {list(names)[1:8]}")
+    return list(heads)
+
+
+def select_sites(gm: fx.GraphModule, sites, head_paths) -> list:
+    """Nodes after which a TaskAffine goes (see module docstring)."""
+    modules = dict(gm.named_modules())
+    chosen = []
+    for node in gm.graph.nodes:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if node.op == "call_module" and _under(node.target, head_paths):
+            continue
+        if callable(sites):
+            keep = sites(node, m)
+        elif sites == "layer":
+            keep = isinstance(m, LAYERS) or (isinstance(m, NORMS) and _follows_layer(node, modules))
+            if isinstance(m, LAYERS) and _only_user_is_norm(node, modules):
+                keep = False
+        elif sites == "block":
+            keep = node.op == "call_function" and node.target in ADDS and _is_tensor(node)
+        else:
+            raise TorchMergeError(f"sites must be 'layer', 'block' or a callable, got {sites!r}")
+        if keep and _is_tensor(node):
+            chosen.append(node)
+    return chosen
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node.meta.get("shape"), tuple) and len(node.meta["shape"]) >= 1
+
+
+def _only_user_is_norm(node, modules) -> bool:
+    users = list(node.users)
+    return len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), NORMS)
+
+
+def _follows_layer(node, modules) -> bool:
+    src = node.args[0] if node.args else None
+    return isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules.get(src.target), LAYERS) \
+        and len(src.users) == 1
+
+
+def channel_axis(node: fx.Node, modules: dict, depth: int = 12) -> int:
+    """Negative channel axis of a node's output, from the module that produced it."""
+    for _ in range(depth):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        ndim = len(node.meta["shape"])
+        if isinstance(m, (nn.Linear, nn.LayerNorm)):
+            return -1
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return -(len(m.kernel_size) + 1)
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+            return 1 - ndim
+        args = [a for a in node.args if isinstance(a, fx.Node) and _is_tensor(a) and len(a.meta["shape"]) == ndim]
+        if not args:
+            break
+        node = args[0]
+    raise TorchMergeError(f"cannot tell the channel axis at fx node '{node.name}' (shape "
+                          f"{node.meta.get('shape')}); choose sites after Linear/Conv/norm layers")
+
+
+def _insert_affine(gm, node, task, num_tasks, name) -> None:
+    modules = dict(gm.named_modules())
+    axis = channel_axis(node, modules)
+    shape = node.meta["shape"]
+    ref = next(gm.parameters())
+    affine = TaskAffine(num_tasks, shape[axis], axis, ref.dtype, ref.device)
+    affine.site_node = node.name  # where the experts' matching activation lives (calibration)
+    gm.add_submodule(f"sites.{name}", affine)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(f"sites.{name}", (node, task))
+    new.meta["shape"] = shape
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+# ---------------------------------------------------------------------------------------------
+# export: fold one task's affines into the layers before them
+
+
+def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
+    """A plain GraphModule for ``task``: heads chosen, affines folded, no ``task`` input."""
+    out = copy.deepcopy(gm)
+    modules = dict(out.named_modules())
+    for node in list(out.graph.nodes):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, TaskHeads):
+            out.add_submodule(node.target, m.heads[task])
+            node.args = node.args[:-1]
+        elif isinstance(m, TaskAffine):
+            _fold_or_fix(out, node, m, task, modules)
+    for node in list(out.graph.nodes):
+        if node.op == "placeholder" and node.target == TASK:
+            out.graph.erase_node(node)
+    out.delete_all_unused_submodules()
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
+    scale, shift = affine.scale[task].detach(), affine.shift[task].detach()
+    src = node.args[0]
+    layer = modules.get(src.target) if src.op == "call_module" else None
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) \
+        if src.op == "call_module" else 0
+    if len(src.users) == 1 and calls == 1 and not _shares_params(gm, layer) \
+            and fold_affine(layer, scale, shift):
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        return
+    gm.add_submodule(node.target, ChannelAffine(scale, shift, affine.channel_axis))
+    node.args = node.args[:1]
+
+
+def _shares_params(gm, layer) -> bool:
+    """True if a parameter of ``layer`` is also used elsewhere (tied weights): folding would leak."""
+    if layer is None:
+        return False
+    mine = {id(p) for p in layer.parameters()}
+    owners = [n for n, p in gm.named_parameters(remove_duplicate=False) if id(p) in mine]
+    return len(owners) > len(mine)
+
+
+def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Fold ``y = scale·layer(x) + shift`` into ``layer``'s parameters in place; False if impossible."""
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd)
+                                            and not layer.transposed):
+            w = layer.weight
+            w.mul_(scale.view((-1,) + (1,) * (w.dim() - 1)))
+            _fold_bias(layer, scale, shift, w.shape[0])
+            return True
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups == 1:
+            w = layer.weight
+            w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
+            _fold_bias(layer, scale, shift, w.shape[1])
+            return True
+        if isinstance(layer, NORMS) and getattr(layer, "weight", None) is not None \
+                and layer.weight.dim() == 1 and getattr(layer, "bias", None) is not None:
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale).add_(shift)
+            return True
+    return False
+
+
+def _fold_bias(layer, scale, shift, channels) -> None:
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype, device=layer.weight.device))
+    layer.bias.mul_(scale).add_(shift)
