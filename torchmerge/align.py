@@ -129,6 +129,14 @@ class _Matcher:
         # a group on two axes of one tensor makes its objective quadratic: check true gains
         self.quadratic = {g for g, m in self.members.items()
                           if any(sum(_names(e).count(g) for _, e in self.axes_of[p]) > 1 for p, _, _ in m)}
+        # groups sharing one axis as factors of a product (attention heads x head dim, conv groups
+        # x channels per group) can lock each other in a local optimum: see escape()
+        self.partners: dict = {}
+        for g, m in self.members.items():
+            for _, _, e in m:
+                for names in _factor_sets(e):
+                    if g in names and len(names) > 1:
+                        self.partners.setdefault(g, set()).update(names - {g})
 
     def run(self, max_iter: int, seed: int) -> AlignResult:
         perms = self.spec.identity_perms()
@@ -146,6 +154,8 @@ class _Matcher:
                 if self.update(g, perms):
                     changed = True
                     dirty |= self.neighbors.get(g, set()) | ({g} if g in self.quadratic else set())
+            if not changed and self.escape(perms):
+                changed, dirty = True, set(order)
             result.sweeps = sweep + 1
             result.objective.append(self.objective(perms))
             if not changed:
@@ -155,7 +165,7 @@ class _Matcher:
     def update(self, g: str, perms: dict) -> bool:
         scores = self.score(g, perms)
         old = perms[g]
-        new = torch.from_numpy(linear_sum_assignment(scores.cpu().numpy(), maximize=True)[1]).long()
+        new = _lap(scores)
         rows = torch.arange(len(old))
         gain = (scores[rows, new.to(scores.device)].sum() - scores[rows, old.to(scores.device)].sum()).item()
         if gain <= 1e-12 or torch.equal(new, old):
@@ -170,9 +180,39 @@ class _Matcher:
         perms[g] = new
         return True
 
-    def score(self, g: str, perms: dict) -> torch.Tensor:
+    def escape(self, perms: dict) -> bool:
+        """Leave a local optimum of product factors: re-seat a factored group from a score that
+        ignores its partners' order, re-solve the partners, keep the move only if it gains."""
+        for g in sorted(self.partners):
+            new = _lap(self.score(g, perms, invariant=True))
+            if torch.equal(new, perms[g]):
+                continue
+            together = [g, *sorted(self.partners[g])]
+            trial = {**perms, g: new}
+            for h in together[1:] + [g]:
+                trial[h] = _lap(self.score(h, trial))
+            before, after = self.local(together, perms), self.local(together, trial)
+            if after > before + 1e-9 * abs(before) + 1e-12:
+                perms.update(trial)
+                return True
+        return False
+
+    def local(self, groups: list, perms: dict) -> float:
+        """The objective restricted to what ``groups`` touch (activation score for scored groups)."""
+        total, params = 0.0, set()
+        for g in groups:
+            if g in self.scorers:
+                scores = self.scorers[g](perms)
+                total += float(scores[torch.arange(len(perms[g])), perms[g].to(scores.device)].sum())
+            else:
+                params |= {p for p, _, _ in self.members[g]}
+        return total + (self.objective(perms, params) if params else 0.0)
+
+    def score(self, g: str, perms: dict, invariant: bool = False) -> torch.Tensor:
+        """A[i, j]: gain of matching reference element i with other element j. ``invariant``:
+        Σ‖R_i O_jᵀ‖² over the slices each element owns, blind to the order of product partners."""
         if g in self.scorers:
-            return self.scorers[g](perms)
+            return self.scorers[g](perms, invariant)
         n = self.spec.groups[g].size
         free = {**perms, g: torch.arange(n)}
         total = None
@@ -180,7 +220,12 @@ class _Matcher:
             r, o = self.ref[p], self._permuted_other_axes(p, a, perms)
             rg = _rows(r, a, self.spec.positions(e, g, {}))
             og = _rows(o, a, self.spec.positions(e, g, free))
-            part = (rg.float() @ og.float().T).double()
+            if invariant:
+                k = og.shape[1] // max(1, o.movedim(a, 0)[0].numel())
+                cross = rg.reshape(n * k, -1).float() @ og.reshape(n * k, -1).float().T
+                part = cross.double().reshape(n, k, n, k).pow(2).sum((1, 3))
+            else:
+                part = (rg.float() @ og.float().T).double()
             total = part if total is None else total + part
         return total
 
@@ -212,7 +257,14 @@ def _activation_scorers(reference, other, spec, data, max_batches, probes_per_gr
     """Score functions from the Pearson correlation of the two models' activations at probes."""
     from .stats import collect_paired
 
-    chosen = {g: probes[:probes_per_group] for g, probes in spec.probes.items()}
+    # an output with groups on two axes (token mixers) is skipped: its "sample" axis is permuted
+    # too, so the two models' rows would be paired wrongly
+    seen: dict = {}
+    for probes in spec.probes.values():
+        for p in probes:
+            seen.setdefault(p.module_path, set()).add(p.axis)
+    chosen = {g: [p for p in probes if len(seen[p.module_path]) == 1][:probes_per_group]
+              for g, probes in spec.probes.items()}
     axes = {p.module_path: p.axis for probes in chosen.values() for p in probes}
     if not axes:
         return {}
@@ -221,7 +273,7 @@ def _activation_scorers(reference, other, spec, data, max_batches, probes_per_gr
     corr = {path: stats[path].correlation() for path in axes}
 
     def scorer(g, probes):
-        def score(perms):
+        def score(perms, invariant=False):
             n = spec.groups[g].size
             free = {**perms, g: torch.arange(n)}
             total = 0
@@ -231,8 +283,22 @@ def _activation_scorers(reference, other, spec, data, max_batches, probes_per_gr
                 po = spec.positions(probe.expr, g, free).to(c.device)
                 k = pr.shape[1]
                 block = c[pr.reshape(-1)][:, po.reshape(-1)].reshape(n, k, n, k)
-                total = total + block.diagonal(dim1=1, dim2=3).sum(-1)
+                total = total + (block.pow(2).sum((1, 3)) if invariant
+                                 else block.diagonal(dim1=1, dim2=3).sum(-1))
             return total.double()
         return score
 
     return {g: scorer(g, probes) for g, probes in chosen.items() if probes}
+
+
+def _lap(scores: torch.Tensor) -> torch.Tensor:
+    """The permutation maximising Σ_i scores[i, perm[i]] (linear assignment)."""
+    return torch.from_numpy(linear_sum_assignment(scores.cpu().numpy(), maximize=True)[1]).long()
+
+
+def _factor_sets(e) -> list:
+    """The group names of every product inside an axis expression."""
+    if e[0] in ("g", "fixed"):
+        return []
+    found = [set(_names(e))] if e[0] == "prod" else []
+    return found + [s for part in e[1] for s in _factor_sets(part)]
