@@ -1,4 +1,11 @@
-"""Diagnostics: linear interpolation between models and the loss/accuracy barrier along the path.
+"""Diagnostics: interpolation barriers, CKA between models, variance ratios, and plots of them.
+
+- :func:`interpolate`, :func:`evaluate`, :func:`interpolation_barrier` — the loss/accuracy barrier
+  on the straight line between two models;
+- :func:`cka` (and :func:`linear_cka`, :func:`hsic_biased`, :func:`hsic_unbiased`) — linear CKA
+  between corresponding layers, exact or minibatch-unbiased;
+- :func:`variance_ratios` — per-site variance collapse of a merged model against its experts;
+- :func:`plot_cka`, :func:`plot_variance_ratios`, :func:`plot_barrier` — PNG figures (matplotlib).
 
 >>> import torch, torchmerge as tm
 >>> a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -9,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -79,3 +87,296 @@ def interpolation_barrier(a: nn.Module, b: nn.Module, data, steps: int = 11, los
         "loss_barrier": max(l - line(losses, t) for l, t in zip(losses, alphas)),
         "accuracy_barrier": max(line(accs, t) - acc for acc, t in zip(accs, alphas)),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# CKA (Kornblith et al. 2019; minibatch/unbiased: Nguyen, Raghu, Kornblith 2021; Pari et al. 2024)
+# --------------------------------------------------------------------------------------------------
+
+def _centre_gram(k: torch.Tensor) -> torch.Tensor:
+    """``H K H`` with ``H = I − 11ᵀ/n`` (double centring), without forming ``H``."""
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Biased HSIC of two ``[n, n]`` Gram matrices: ``tr(K H L H) / (n − 1)²`` (Gretton et al. 2005).
+
+    >>> x = torch.randn(6, 3, dtype=torch.float64)
+    >>> bool(hsic_biased(x @ x.T, x @ x.T) > 0)
+    True
+    """
+    n = k.shape[0]
+    return (_centre_gram(k) * _centre_gram(l)).sum() / (n - 1) ** 2
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC of ``[n, n]`` Gram matrices (Song et al. 2012), ``n ≥ 4``.
+
+    ``[tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3))`` with ``K̃``, ``L̃``
+    the Gram matrices with their diagonals set to zero.
+    """
+    n = k.shape[0]
+    if n < 4:
+        raise TorchMergeError(f"unbiased HSIC needs at least 4 samples per batch, got {n}")
+    k = k - torch.diag_embed(torch.diagonal(k))
+    l = l - torch.diag_embed(torch.diagonal(l))
+    trace = (k * l).sum()  # tr(K̃ L̃) for symmetric matrices
+    sums = k.sum() * l.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 * (k.sum(0) @ l.sum(1)) / (n - 2)
+    return (trace + sums - cross) / (n * (n - 3))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> float:
+    """Linear CKA of two feature matrices ``[n, d_x]`` and ``[n, d_y]`` (rows: the same samples).
+
+    ``HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L))`` with ``K = XXᵀ``, ``L = YYᵀ``; ``debiased`` uses
+    the unbiased HSIC estimator. Invariant to orthogonal transforms and isotropic scaling of either
+    side; 1 for identical representations.
+
+    >>> x = torch.randn(50, 8, dtype=torch.float64)
+    >>> round(linear_cka(x, 3 * x @ torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]), 6)
+    1.0
+    """
+    x, y = _rows(x), _rows(y)
+    k, l = x @ x.T, y @ y.T
+    hsic = hsic_unbiased if debiased else hsic_biased
+    return float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)).clamp_min(1e-30))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample flattened features ``[B, ∏ rest]`` in float64."""
+    return x.detach().reshape(x.shape[0], -1).double()
+
+
+def _default_layers(a: nn.Module, b: nn.Module) -> list:
+    """Leaf modules with parameters present (by name) in both models, in ``a``'s order."""
+    in_b = dict(b.named_modules())
+    return [n for n, m in a.named_modules()
+            if n and n in in_b and not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+
+def _layer_pairs(a: nn.Module, b: nn.Module, layers) -> dict:
+    if layers is None:
+        layers = _default_layers(a, b)
+    pairs = dict(layers) if isinstance(layers, dict) else {n: n for n in ([layers] if isinstance(layers, str) else layers)}
+    mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
+    for na, nb in pairs.items():
+        for name, mods, which in ((na, mods_a, "model_a"), (nb, mods_b, "model_b")):
+            if name not in mods:
+                raise TorchMergeError(f"cka: {which} has no module {name!r}; valid names include "
+                                      f"{[n for n in mods if n][:8]}")
+    if not pairs:
+        raise TorchMergeError("cka: no layers to compare; pass layers=[module names] "
+                              "(or {name in model_a: name in model_b})")
+    return {na: (mods_a[na], mods_b[nb]) for na, nb in pairs.items()}
+
+
+def cka(model_a: nn.Module, model_b: nn.Module, data, layers=None, *, debiased: bool = False,
+        max_batches=None) -> dict:
+    """Linear CKA between corresponding layers' outputs of two models on the same inputs.
+
+    Features: each sample's output flattened (``[B, C·H·W]`` for a conv layer, ``[B, C]`` for a
+    dense one; token layouts ``[B, T, C]`` become ``[B, T·C]``) — the convention of Kornblith et al.
+    2019; the two layers may differ in width. ``layers``: None (every leaf module with parameters
+    present by name in both models), a list of names, or ``{name in model_a: name in model_b}``.
+
+    ``debiased=False``: the exact (biased-HSIC) linear CKA over every sample seen; it keeps each
+    layer's features, so bound the data with ``max_batches``. ``debiased=True``: the minibatch
+    estimator of Nguyen et al. 2021 (used by Pari et al. 2024 on large data) — the *unbiased* HSIC
+    of each batch is averaged over batches, ``CKA = mean HSIC₁(K,L) / sqrt(mean HSIC₁(K,K) ·
+    mean HSIC₁(L,L))``; memory is one batch (batches need ≥ 4 samples; use a fixed batch size).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> data = [torch.randn(32, 4) for _ in range(3)]
+    >>> {k: round(v, 6) for k, v in cka(net, net, data).items()}
+    {'0': 1.0, '2': 1.0}
+    """
+    pairs = _layer_pairs(model_a, model_b, layers)
+    from .stats import iter_inputs
+
+    sums = {n: torch.zeros(3, dtype=torch.float64) for n in pairs}
+    feats = {n: ([], []) for n in pairs}
+    seen = {}
+    batches = 0
+    device = next((p.device for p in model_a.parameters()), None)
+    with eval_mode(model_a), eval_mode(model_b), _capture(pairs, seen):
+        for x in iter_inputs(data, max_batches=max_batches, device=device):
+            seen.clear()
+            model_a(x)
+            model_b(x.to(next((p.device for p in model_b.parameters()), x.device)))
+            for name in pairs:
+                if (name, 0) not in seen or (name, 1) not in seen:
+                    raise TorchMergeError(f"cka: layer {name!r} was not called in both models' forward")
+                out_a, out_b = seen[name, 0], seen[name, 1].to(seen[name, 0].device)
+                if debiased:
+                    fa, fb = _rows(out_a), _rows(out_b)
+                    k, l = fa @ fa.T, fb @ fb.T
+                    sums[name] += torch.stack([hsic_unbiased(k, l), hsic_unbiased(k, k),
+                                               hsic_unbiased(l, l)]).cpu()
+                else:  # kept in the activations' dtype; float64 only for the final products
+                    feats[name][0].append(out_a.detach().reshape(out_a.shape[0], -1))
+                    feats[name][1].append(out_b.detach().reshape(out_b.shape[0], -1))
+            batches += 1
+    if batches == 0:
+        raise TorchMergeError("cka got no batches")
+    if debiased:
+        return {n: float(s[0] / torch.sqrt(s[1] * s[2]).clamp_min(1e-30)) for n, s in sums.items()}
+    return {n: linear_cka(torch.cat(fa), torch.cat(fb)) for n, (fa, fb) in feats.items()}
+
+
+@contextlib.contextmanager
+def _capture(pairs: dict, seen: dict):
+    """Forward hooks storing each paired module's (first) output in ``seen[name, side]``."""
+    handles = []
+    try:
+        for name, mods in pairs.items():
+            for side, mod in enumerate(mods):
+                def hook(_m, _args, out, key=(name, side)):
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    if not isinstance(out, torch.Tensor):
+                        raise TorchMergeError(f"cka: layer {key[0]!r} returns a {type(out).__name__}, "
+                                              "not a Tensor; choose another layer")
+                    seen[key] = out
+                handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Variance ratios (variance collapse, Jordan et al. 2023; Sharma et al. 2024)
+# --------------------------------------------------------------------------------------------------
+
+def variance_ratios(merged, experts, data, max_batches=None, eps: float = 1e-8) -> dict:
+    """``{task name: {site: mean over channels of var_merged / var_expert}}`` at each correction site.
+
+    Per task t, the merged model (task t active, current corrections applied) and expert t run on
+    task t's data (``data[t]``; ``None`` skips the task); statistics come from
+    :func:`torchmerge.correct.site_moments`. A ratio well below 1 is variance collapse; after the
+    affine correction it is ≈ 1. Channels whose expert variance is below ``eps`` (dead units) are
+    left out of the mean.
+
+    Example (``merged = tm.merge(experts, ..., data=loaders)``)::
+
+        ratios = tm.analysis.variance_ratios(merged, experts, loaders, max_batches=10)
+        ratios["task0"]   # {'site0_features_1': 0.41, ...}
+    """
+    from .correct import site_moments
+
+    data = list(data)
+    if len(data) != len(experts) or len(experts) != merged.num_tasks:
+        raise TorchMergeError(f"variance_ratios: {len(experts)} experts and {len(data)} data entries "
+                              f"for a merged model with {merged.num_tasks} tasks; give one of each per task")
+    out = {}
+    for t, name in enumerate(merged.task_names):
+        if data[t] is None:
+            continue
+        moments = site_moments(merged, experts, data, t, max_batches=max_batches)
+        out[name] = {site: _mean_ratio(m.var, e.var, eps) for site, (m, e) in moments.items()}
+    return out
+
+
+def _mean_ratio(var_m: torch.Tensor, var_e: torch.Tensor, eps: float) -> float:
+    live = var_e > eps
+    if not bool(live.any()):
+        return float("nan")
+    return float((var_m[live].double() / var_e[live].double()).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (matplotlib, imported lazily; figures are built without pyplot, so no display is needed)
+# --------------------------------------------------------------------------------------------------
+
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 3.6):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise TorchMergeError("plotting needs matplotlib: pip install matplotlib "
+                              "(or pip install 'torchmerge-nonlocal[examples]')") from None
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def _series(values: dict, depth: int) -> dict:
+    """``{label: values}``: wrap a single result (nesting ``depth``) under the label ``""``."""
+    probe, d = values, 0
+    while isinstance(probe, dict) and probe:
+        probe, d = next(iter(probe.values())), d + 1
+    return {"": values} if d == depth else values
+
+
+def plot_cka(result: dict, path=None, title: str = "linear CKA per layer"):
+    """Bar chart of :func:`cka` results: one ``{layer: value}`` or ``{label: {layer: value}}``.
+
+    Saves a PNG at ``path`` (if given) and returns the matplotlib ``Figure``.
+
+    >>> fig = plot_cka({"A vs B": {"conv1": 0.9, "fc": 0.4}, "A vs B aligned": {"conv1": 0.95, "fc": 0.8}})
+    >>> fig.axes[0].get_ylabel()
+    'CKA'
+    """
+    series = _series(result, 1)
+    fig, (ax,) = _figure()
+    layers = list(dict.fromkeys(k for s in series.values() for k in s))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(layers))], [values.get(l, float("nan")) for l in layers],
+               width=width, label=label or None)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("CKA")
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_variance_ratios(ratios: dict, path=None, title: str = "variance ratio (merged / expert)"):
+    """Line plot of :func:`variance_ratios` per site, one line per task; ``ratios`` may also be
+    ``{label: ratios}`` (e.g. ``{"no correction": r0, "affine": r1}``): one panel per label.
+
+    >>> fig = plot_variance_ratios({"before": {"t0": {"s0": 0.3, "s1": 0.2}}, "after": {"t0": {"s0": 1.0, "s1": 1.0}}})
+    >>> len(fig.axes)
+    2
+    """
+    panels = _series(ratios, 2)
+    fig, axes = _figure(len(panels), width=5.0)
+    for ax, (label, per_task) in zip(axes, panels.items()):
+        for task, sites in per_task.items():
+            ax.plot(range(len(sites)), list(sites.values()), marker="o", label=task)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("site (input → output)")
+        ax.set_title(f"{title}: {label}" if label else title, fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("mean var ratio")
+    return _save(fig, path)
+
+
+def plot_barrier(curves: dict, path=None, title: str = "linear interpolation"):
+    """Loss and accuracy along the path from :func:`interpolation_barrier` (one curve, or
+    ``{label: curve}``).
+
+    >>> curve = {"alphas": [0.0, 0.5, 1.0], "loss": [0.1, 2.0, 0.1], "accuracy": [0.9, 0.3, 0.9]}
+    >>> [ax.get_ylabel() for ax in plot_barrier(curve).axes]
+    ['loss', 'accuracy']
+    """
+    series = {"": curves} if "alphas" in curves else curves
+    fig, axes = _figure(2, width=4.5)
+    for label, c in series.items():
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot(c["alphas"], c[key], marker="o", label=label or None)
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.set_xlabel("α")
+        ax.set_ylabel(key)
+        ax.set_title(f"{title}: {key}", fontsize=10)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
