@@ -1,6 +1,7 @@
 """``tm.merge``: discovery → alignment → merging → rewriting → calibration, in one call."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -32,13 +33,33 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     per task (tensors, ``(x, y)`` tuples or dicts), used by activation alignment, data-driven
     methods and the correction. ``align``: "weight", "activation" or None. ``correction``:
     "affine" (task-wise, Sharma et al. 2024), "repair" (one shared affine), "affine+tune", or None.
-    ``method_kwargs`` go to the merge method (e.g. ``lam=0.4``, ``k=0.2``).
+    ``method``: a key of ``tm.methods.METHODS`` or ``"pleas"`` (which matches units itself, so
+    ``align`` is not used, and needs ``correction=None``); ``method_kwargs`` go to the method
+    (e.g. ``lam=0.4``, ``k=0.2``, ``width=1.5``). ``calibration``: keyword options of
+    :func:`torchmerge.calibrate` (``passes``, ``tune_steps``...). ``heads``: "auto" (the modules
+    feeding the output), a list of module paths, or a predicate ``(path, module) -> bool``.
+    ``sites``: "layer", "block" or a predicate ``(fx node, module or None) -> bool``.
+
+    >>> import torch, torchmerge as tm
+    >>> experts = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ...            for _ in range(2)]
+    >>> data = [[(torch.randn(16, 4), torch.randint(0, 3, (16,)))] for _ in experts]
+    >>> merged = tm.merge(experts, method="ties", data=data, correction="affine")
+    >>> merged(torch.randn(5, 4), task=torch.tensor([0, 1, 1, 0, 1])).shape
+    torch.Size([5, 3])
     """
     experts = _check_experts(experts)
     data = _check_data(data, len(experts), method, align, correction, allow_uncorrected)
     if correction not in CORRECTIONS:
         raise TorchMergeError(f"unknown correction {correction!r}; valid: {CORRECTIONS}")
-    merge_methods.hyperparameters(method)  # unknown method names fail before any work
+    if method == "pleas" and correction is not None:
+        raise TorchMergeError("method='pleas' may widen layers, so merged channels no longer match "
+                              "the experts' one to one and the affine correction does not apply; its "
+                              "least squares already fit each expert's outputs: pass correction=None")
+    if method != "pleas":
+        merge_methods.hyperparameters(method)  # unknown method names fail before any work
+    if task_names is not None and len(task_names) != len(experts):
+        raise TorchMergeError(f"{len(task_names)} task names for {len(experts)} experts")
     if example_inputs is None:
         if data is None or data[0] is None:
             raise TorchMergeError("pass example_inputs=<one batch> or data=[batches per task] so the "
@@ -47,35 +68,71 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     reference = experts[0]
     spec = discover(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     head_paths = head_modules(reference, spec, heads)
-    bases = _bases(base, len(experts))
 
+    if method == "pleas":
+        body, result_info, weights, aligned = _pleas(experts, spec, data, head_paths, example_inputs,
+                                                     sites, leaf_modules, concrete_args, max_batches,
+                                                     seed, method_kwargs)
+    else:
+        body, result_info, weights, aligned = _aligned_merge(
+            experts, spec, base, data, align, method, head_paths, example_inputs, sites, leaf_modules,
+            concrete_args, max_batches, seed, method_kwargs)
+    names = task_names or [f"task{i}" for i in range(len(experts))]
+    merged = MergedModel(body, names, weights).to(_device(reference))
+    merged.trace_options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
+    merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
+                   "merge_info": result_info}
+    if correction is not None:
+        calibrate(merged, aligned, data, mode=correction, max_batches=max_batches,
+                  allow_uncorrected=allow_uncorrected, **(calibration or {}))
+    return merged
+
+
+def _aligned_merge(experts, spec, base, data, align, method, head_paths, example_inputs, sites,
+                   leaf_modules, concrete_args, max_batches, seed, method_kwargs):
+    """Align (permutations), merge the shared weights, rewrite: the path of every method but PLeaS."""
+    bases = _bases(base, len(experts))
     perms = [spec.identity_perms()] * len(experts)
     if align is not None:
         align_data = None if align == "weight" else _union(data, max_batches)
         perms = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed)
     aligned = [permute(e, spec, p) for e, p in zip(experts, perms)]
     aligned_bases = None if bases is None else [permute(b, spec, p) for b, p in zip(bases, perms)]
-
     shared = [_shared_state(e, head_paths) for e in aligned]
     base_states = _base_states(aligned_bases, bases, head_paths)
     stats = _method_stats(method, aligned, data, max_batches, head_paths)
     result = merge_methods.merge_states(method, shared, base_states, stats, **method_kwargs)
-
     heads_per_task = [{p: e.get_submodule(p) for p in head_paths} for e in aligned]
     body = build_graph(aligned[0], example_inputs, result.state, heads_per_task, head_paths, sites,
                        leaf_modules, concrete_args)
-    names = task_names or [f"task{i}" for i in range(len(experts))]
-    if len(names) != len(experts):
-        raise TorchMergeError(f"{len(names)} task names for {len(experts)} experts")
     weights = TaskWeights.from_result(result) if result.masks else None
-    merged = MergedModel(body, names, weights).to(_device(reference))
-    merged.trace_options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
-    merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
-                   "merge_info": result.info}
-    if correction is not None:
-        calibrate(merged, aligned, data, mode=correction, max_batches=max_batches,
-                  allow_uncorrected=allow_uncorrected, **(calibration or {}))
-    return merged
+    return body, {**result.info, "perms": perms}, weights, aligned
+
+
+def _pleas(experts, spec, data, head_paths, example_inputs, sites, leaf_modules, concrete_args,
+           max_batches, seed, method_kwargs):
+    """PLeaS matches units itself (partial, possibly wider) and fits layers by least squares."""
+    head_params = [n for n, _ in experts[0].named_parameters() if _under(n, head_paths)]
+    result = merge_methods.pleas(experts, spec, data, heads=head_params, max_batches=max_batches,
+                                 seed=seed, **method_kwargs)
+    heads_per_task = [{p: _with_tensors(result.model.get_submodule(p), p, state) for p in head_paths}
+                      for state in result.heads]
+    body = build_graph(result.model, example_inputs, _shared_state(result.model, head_paths),
+                       heads_per_task, head_paths, sites, leaf_modules, concrete_args)
+    return body, {**result.info, "widths": result.widths, "sources": result.sources}, None, None
+
+
+def _with_tensors(module: nn.Module, path: str, state: dict) -> nn.Module:
+    """A copy of ``module`` holding ``state``'s tensors under ``path`` (shapes may differ)."""
+    out = copy.deepcopy(module)
+    for name, value in state.items():
+        if _under(name, [path]):
+            leaf = name[len(path) + 1:]
+            owner = out.get_submodule(leaf.rpartition(".")[0]) if "." in leaf else out
+            setattr(owner, leaf.rpartition(".")[2], nn.Parameter(value.detach().clone()))
+    if isinstance(out, nn.Linear):
+        out.out_features, out.in_features = out.weight.shape
+    return out
 
 
 def _check_experts(experts) -> list:
@@ -89,7 +146,7 @@ def _check_experts(experts) -> list:
 
 
 def _check_data(data, n, method, align, correction, allow_uncorrected):
-    data_driven = method in ("regmean", "fisher", "mats")
+    data_driven = method in ("regmean", "fisher", "mats", "pleas")
     needs = align == "activation" or data_driven or (correction is not None and not allow_uncorrected)
     if data is None:
         if needs:

@@ -121,7 +121,7 @@ def pleas(experts, spec, data, *, width=1.0, heads=None, ridge: float = 1e-5, ma
         perms, quality, how = _match(experts, spec, inputs, head_params, seed)
         blocked = {g: r for g in spec.groups if (r := _widen_block(spec, experts[0], g, how)) is not None}
         sources, matched = _partial(spec, perms, quality, widths_req, blocked, T)
-        merged = _assemble(experts, spec, sources)
+        merged = _assemble(experts, spec, sources, head_params)
         stack.enter_context(eval_mode(merged))
         _check_forward(merged, experts[0], inputs[0][0], sources, spec)
         layers, skipped, order_note = _layers(experts[0], inputs[0][0], head_params)
@@ -149,9 +149,11 @@ def _check(experts, spec, data, width, heads, ridge, max_batches, seed, max_dire
         raise TorchMergeError(f"pleas: spec must be a PermutationSpec from tm.discover(experts[0], "
                               f"example), got {type(spec).__name__}")
     T = len(experts)
-    ref = {k: tuple(v.shape) for k, v in _tensors(experts[0]).items()}
+    head_names = set(spec.heads if heads is None or isinstance(heads, str) else heads)
+    body = lambda m: {k: tuple(v.shape) for k, v in _tensors(m).items() if k not in head_names}  # noqa: E731
+    ref = body(experts[0])
     for i, e in enumerate(experts[1:], 1):
-        mine = {k: tuple(v.shape) for k, v in _tensors(e).items()}
+        mine = body(e)  # task heads may differ in size (number of classes)
         if mine != ref:
             diff = sorted(set(ref.items()) ^ set(mine.items()))[:4]
             raise TorchMergeError(f"pleas: experts[{i}] does not share experts[0]'s parameter names "
@@ -183,7 +185,7 @@ def _check(experts, spec, data, width, heads, ridge, max_batches, seed, max_dire
         if not xs:
             raise TorchMergeError(f"pleas: data[{t}] yielded no batches; give at least one batch per task")
         inputs.append(xs)
-    names = set(ref)
+    names = set(_tensors(experts[0]))
     head_params = tuple(spec.heads if heads is None else heads)
     unknown = [h for h in head_params if h not in names]
     if isinstance(heads, str) or unknown:
@@ -332,14 +334,15 @@ def _averaged(experts, p, axes, sources):
     return total / count.clamp_min(1)
 
 
-def _assemble(experts, spec, sources):
+def _assemble(experts, spec, sources, head_params=()):
     axes_of = {}
     for (p, a), e in spec.axes.items():
         axes_of.setdefault(p, []).append((a, e))
     tensors = _tensors(experts[0])
     memo = {}
     for p, orig in tensors.items():
-        new = _averaged(experts, p, axes_of.get(p, []), sources)
+        # heads may differ in size across tasks: task 0's is the placeholder until refit
+        new = _averaged(experts[:1] if p in head_params else experts, p, axes_of.get(p, []), sources)
         memo[id(orig)] = nn.Parameter(new, orig.requires_grad) if isinstance(orig, nn.Parameter) else new
     merged = copy.deepcopy(experts[0], memo)
     for mod in merged.modules():
@@ -510,16 +513,12 @@ class _Fitter:
         own = torch.stack([o >= 0 for o in omap])                       # [T, out_m]
         cols = torch.stack([(self._map(f"{path}.weight", 1, t, w.shape[1]) >= 0).repeat_interleave(k)
                             for t in range(self.T)])                    # [T, d]
-        systems = [self._accumulate(mod, path, bn_path or path, t, omap, own, is_head)
-                   for t in range(self.T)]
         use_bias = mod.bias is not None or bn_path is not None
         if is_head:
-            for t, sys_t in enumerate(systems):
-                wt = self._solve([sys_t], torch.ones(out_m, d, dtype=torch.bool), use_bias, mod, path)
-                self.head_fits[t][path] = wt
-                self.residual[f"{path}[task {t}]"] = _residual(wt, [sys_t])
-            self._set(mod, self.head_fits[0][path], use_bias)
+            self._heads(mod, path, d, use_bias)
         else:
+            systems = [self._accumulate(mod, path, bn_path or path, t, omap, own, is_head)
+                       for t in range(self.T)]
             allowed = (own.T.to(torch.float) @ cols.to(torch.float)) > 0     # [out_m, d]
             wa = self._solve(systems, allowed, use_bias, mod, path)
             self.residual[path] = _residual(wa, systems)
@@ -529,6 +528,17 @@ class _Fitter:
                 self._set_bn(mod, self.merged.get_submodule(bn_path), wa, systems)
                 self.bn_identity.append(bn_path)
         self.fitted.append(path)
+
+    def _heads(self, mod, path, d, use_bias):
+        """Each task's head on its own data; its number of outputs is expert t's own."""
+        for t in range(self.T):
+            out_t = self.experts[t].get_submodule(path).weight.shape[0]
+            omap = [torch.arange(out_t)] * self.T
+            sys_t = self._accumulate(mod, path, path, t, omap, torch.ones(self.T, out_t, dtype=torch.bool), True)
+            wt = self._solve([sys_t], torch.ones(out_t, d, dtype=torch.bool), use_bias, mod, path)
+            self.head_fits[t][path] = wt
+            self.residual[f"{path}[task {t}]"] = _residual(wt, [sys_t])
+        self._set(mod, self.head_fits[0][path], use_bias)
 
     def _accumulate(self, mod, path, target_path, t, omap, own, is_head):
         """(E[xxᵀ], E[x yᵀ], E[y²]) on task t, x with a trailing ones column, float64."""
@@ -556,6 +566,8 @@ class _Fitter:
         Bm = sum(s[1] for s in systems)
         d = A.shape[0] - 1
         init = mod.weight.detach().reshape(mod.weight.shape[0], -1).to(A.device, _DT)
+        if init.shape[0] != Bm.shape[1]:  # a task head with another number of outputs
+            init = init.new_zeros(Bm.shape[1], d)
         W = torch.zeros(Bm.shape[1], d + 1, dtype=_DT, device=A.device)
         patterns, which = torch.unique(allowed, dim=0, return_inverse=True)
         kinds = set()
@@ -609,7 +621,8 @@ class _Fitter:
                 wa = self.head_fits[t].get(path)
                 if wa is not None:
                     like = _tensors(self.merged)[p]
-                    v = wa[:, :-1].reshape(like.shape) if leaf == "weight" else wa[:, -1]
+                    shape = (wa.shape[0],) + tuple(like.shape[1:])  # task t's own number of outputs
+                    v = wa[:, :-1].reshape(shape) if leaf == "weight" else wa[:, -1]
                     state[p] = v.to(like.dtype).clone()
                 else:
                     v, m = _gather(_tensors(self.experts[t])[p], axes_of.get(p, []), t, self.sources)
