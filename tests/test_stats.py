@@ -104,6 +104,31 @@ def test_drifting_float32_data_over_many_folds():
     close(m.var, var, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fold_every", [2, 32])
+def test_unshifted_fast_path_switches_with_conditioning(monkeypatch, fold_every):
+    """CPU fast path (no shift) for centred data; batches with |mean| ≫ std are redone with a shift,
+    and the path comes back once the running mean is within a few stds again."""
+    monkeypatch.setattr(Moments, "FOLD_EVERY", fold_every)
+    g = torch.Generator().manual_seed(5)
+    offsets = [0.0, 0.5, 5.4, 3e3, 3e3, 0.0, -2.0, 1e4, 0.0, 0.0]        # 5.4σ: just inside RAW_FACTOR
+    chunks = [(o + torch.randn(32, 3, 5, generator=g)).float() for o in offsets for _ in range(3)]
+    m = Moments()
+    m.update(chunks[0], channel_axis=1)
+    assert m._raw                                                      # centred: no subtraction pass
+    for c in chunks[1:]:
+        m.update(c, channel_axis=1)
+    n, mean, var = ref_moments(chunks, 1)
+    assert m.count == n
+    close(m.mean, mean, scale=1e4, rtol=1e-6)
+    close(m.var, var, rtol=1e-5)
+    centred = Moments()
+    for c in chunks[:6]:
+        centred.update(c, channel_axis=1)
+    _, mean, var = ref_moments(chunks[:6], 1)
+    assert centred._raw
+    close(centred.var, var, rtol=1e-5)
+
+
 def test_channels_last_and_half_inputs():
     g = torch.Generator().manual_seed(4)
     x = 7 + torch.randn(6, 5, 4, 3, generator=g)

@@ -12,11 +12,12 @@ One machinery for every consumer that needs statistics of a model's activations:
 
 Numerics: every statistic keeps ``count`` (a Python int), means and *centred* co-moments
 (``M2 = Σ (x - mean)(x - mean)ᵀ``) in float64 on the activation's device, and combines blocks of
-samples (batches, merged stats, ranks) with Chan's parallel formula, so no sum of raw squares is ever
-formed and large means do not cancel.  :class:`Moments` reduces each batch in the activation's dtype
-(float32 for float32/half data) *after* subtracting a per-channel shift close to the running mean,
-adds the sums to float64 accumulators and folds them every few batches; :class:`Gram` centres each
-batch on its own mean in float64.  Nothing calls ``.item()`` on the hot path.
+samples (batches, merged stats, ranks) with Chan's parallel formula, so large means do not cancel.
+:class:`Moments` reduces each batch in the activation's dtype (float32 for float32/half data) *after*
+subtracting a per-channel shift close to the running mean, adds the sums to float64 accumulators and
+folds them every few batches; on CPU the shift is 0 (no subtraction pass) while every channel's
+|mean| stays within a few stds, checked per batch (see :class:`Moments`).  :class:`Gram` centres each
+batch on its own mean in float64.  No device sync on the hot path (the CPU check is a host read).
 
 Channel axis: all axes other than the channel axis are samples (batch, tokens, spatial).  The default
 is :func:`default_channel_axis`: ``1`` for tensors with ``ndim >= 3`` produced by (or fed to)
@@ -114,16 +115,24 @@ class _Scratch:
         return b[: v.numel()].view(v.shape)
 
 
-def _shifted_sums(v: torch.Tensor, shift: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    """``[2, C]`` (v's dtype): Σ(x − s) and Σ(x − s)² over the samples of ``v = [P, C, Q]``."""
+def _shifted_sums(v: torch.Tensor, shift: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
+    """``[2, C]`` (v's dtype): Σ(x − s) and Σ(x − s)² over the samples of ``v = [P, C, Q]``
+    (``shift=None``: s = 0 — two reads of ``v``, no subtraction pass and no write)."""
     # centring before squaring is what keeps float32 sums exact enough
-    d = torch.sub(v, shift.view(1, -1, 1), out=scratch.like(v))
+    d = v if shift is None else torch.sub(v, shift.view(1, -1, 1), out=scratch.like(v))
     if d.shape[2] == 1:
         d = d.squeeze(2)
-        return torch.stack([d.sum(0), d.mul_(d).sum(0)])
+        return torch.stack([d.sum(0), torch.linalg.vector_norm(d, dim=0).square_()])
     # contiguous per-row reductions are several times faster on CPU than a strided one; the row
     # norm gives Σd² in one read, without a squared copy
     return torch.stack([d.sum(2), torch.linalg.vector_norm(d, dim=2).square_()]).sum(1)
+
+
+def _well_conditioned(block: torch.Tensor, n: int, factor: float) -> bool:
+    """Whether Σx² ≤ factor · Σ(x − x̄)² for every channel of a ``[2, C]`` block of raw sums: then the
+    rounding error of the raw sums is at most ~factor·eps relative to the centred M2 (host read)."""
+    t1, t2 = block
+    return bool((t2 <= (t2 - t1 * t1 / n) * factor).all())
 
 
 def _as_rows(x: torch.Tensor, axis: int, what: str) -> torch.Tensor:
@@ -276,15 +285,22 @@ class Moments(_Streaming):
     ``FOLD_EVERY`` batches (and before any read) the block is folded into (mean, M2) with Chan's
     formula and the shift moves to the new mean, so the sums stay centred even if the data drift.
 
+    CPU fast path: when every channel's |mean| is within a few standard deviations (Σx² ≤
+    ``RAW_FACTOR`` · M2, the usual case for activations), the shift is 0 and the subtraction pass
+    (a full read and write of the activation) is skipped; each such batch is checked (a free host
+    read on CPU) and recomputed with a shift if it is not well conditioned, so the rounding error
+    stays ≲ ``RAW_FACTOR`` · eps relative to the variance. CUDA tensors always take the shifted path.
+
     >>> m = Moments()
     >>> for chunk in torch.arange(12.).view(3, 2, 2):       # 3 batches of [B=2, C=2]
     ...     _ = m.update(chunk, channel_axis=-1)
-    >>> m.count, m.mean.tolist(), m.var.tolist()
-    (6, [5.0, 6.0], [11.666666666666666, 11.666666666666666])
+    >>> m.count, m.mean.tolist(), [round(v, 4) for v in m.var.tolist()]
+    (6, [5.0, 6.0], [11.6667, 11.6667])
     """
 
     _PAIRS = ((0, 0),)
     FOLD_EVERY = 32
+    RAW_FACTOR = 32.0
 
     def __init__(self, scratch: _Scratch | None = None) -> None:
         super().__init__()
@@ -292,6 +308,7 @@ class Moments(_Streaming):
         self._shift: torch.Tensor | None = None   # [C], work dtype
         self._sums: torch.Tensor | None = None    # [2, C] float64: Σ(x − s), Σ(x − s)² since last fold
         self._pending = (0, 0)                     # (samples, batches) in _sums
+        self._raw = False                          # shift is 0 and skipped (CPU fast path)
 
     def update(self, x: torch.Tensor, channel_axis: int = -1) -> "Moments":
         """Add the samples of ``x`` (every axis except ``channel_axis`` is a sample axis)."""
@@ -302,13 +319,21 @@ class Moments(_Streaming):
             return self
         v = _channel_view(_work(x), axis)
         if self._shift is None:
-            self._shift = v.mean((0, 2))  # once: a centre for the first block's sums
+            self._raw = v.device.type == "cpu"   # try the unshifted fast path first
+            self._shift = v.new_zeros(c) if self._raw else v.mean((0, 2))  # a centre for the first block
         elif self._shift.numel() != c:
             raise TorchMergeError(f"Moments.update: tensor of shape {tuple(x.shape)} has {c} channels "
                                   f"on axis {axis}; earlier batches had {self._shift.numel()}")
         if self._shift.dtype != v.dtype:
             self._shift = self._shift.to(v.dtype)
-        block = _shifted_sums(v, self._shift, self._scratch)  # per batch in v's dtype, summed in float64
+        if self._raw:
+            block = _shifted_sums(v, None, self._scratch)
+            if not _well_conditioned(block, n, self.RAW_FACTOR):  # mean ≫ std: redo it centred
+                self._flush()
+                self._raw, self._shift = False, block[0] / n
+                block = _shifted_sums(v, self._shift, self._scratch)
+        else:
+            block = _shifted_sums(v, self._shift, self._scratch)  # per batch in v's dtype
         self._sums = block.double() if self._sums is None else self._sums.add_(block)
         self._pending = (self._pending[0] + n, self._pending[1] + 1)
         if self._pending[1] >= self.FOLD_EVERY:
@@ -324,7 +349,12 @@ class Moments(_Streaming):
         m2 = (t2 - t1.square() / n).clamp_min_(0)  # centred sums: tiny cancellation only
         self._sums, self._pending = None, (0, 0)
         self._absorb(n, [mean], [m2])
-        self._shift = self._means[0].to(self._shift.dtype, copy=True)
+        mean, m2 = self._means[0], self._co[0]
+        # back to (or stay on) the unshifted CPU path when the running mean is within a few stds
+        self._raw = mean.device.type == "cpu" and bool(
+            (mean.square() * self._n <= m2 * (self.RAW_FACTOR - 1)).all())
+        self._shift = torch.zeros_like(mean, dtype=self._shift.dtype) if self._raw else \
+            mean.to(self._shift.dtype, copy=True)
 
     def _release(self) -> None:
         self._scratch.buf = None
