@@ -249,14 +249,17 @@ def _capture(pairs: dict, seen: dict):
 # Variance ratios (variance collapse, Jordan et al. 2023; Sharma et al. 2024)
 # --------------------------------------------------------------------------------------------------
 
-def variance_ratios(merged, experts, data, max_batches=None, eps: float = 1e-8) -> dict:
+def variance_ratios(merged, experts, data, max_batches=None, eps: float = 1e-8, *,
+                    align_experts: bool = True) -> dict:
     """``{task name: {site: mean over channels of var_merged / var_expert}}`` at each correction site.
 
     Per task t, the merged model (task t active, current corrections applied) and expert t run on
     task t's data (``data[t]``; ``None`` skips the task); statistics come from
     :func:`torchmerge.correct.site_moments`. A ratio well below 1 is variance collapse; after the
     affine correction it is ≈ 1. Channels whose expert variance is below ``eps`` (dead units) are
-    left out of the mean.
+    left out of the mean. ``experts``: as given to ``tm.merge``; the permutations it found (kept
+    in ``merged.info``) are applied so channels correspond — pass ``align_experts=False`` for
+    experts that are already in the merged model's unit order.
 
     Example (``merged = tm.merge(experts, ..., data=loaders)``)::
 
@@ -269,6 +272,8 @@ def variance_ratios(merged, experts, data, max_batches=None, eps: float = 1e-8) 
     if len(data) != len(experts) or len(experts) != merged.num_tasks:
         raise TorchMergeError(f"variance_ratios: {len(experts)} experts and {len(data)} data entries "
                               f"for a merged model with {merged.num_tasks} tasks; give one of each per task")
+    if align_experts:
+        experts = _aligned_like(merged, experts)
     out = {}
     for t, name in enumerate(merged.task_names):
         if data[t] is None:
@@ -276,6 +281,19 @@ def variance_ratios(merged, experts, data, max_batches=None, eps: float = 1e-8) 
         moments = site_moments(merged, experts, data, t, max_batches=max_batches)
         out[name] = {site: _mean_ratio(m.var, e.var, eps) for site, (m, e) in moments.items()}
     return out
+
+
+def _aligned_like(merged, experts) -> list:
+    from .spec import permute
+
+    info = getattr(merged, "info", {}) or {}
+    perms = (info.get("merge_info") or {}).get("perms")
+    if perms is None:
+        if (info.get("merge_info") or {}).get("widths") is not None:
+            raise TorchMergeError("variance_ratios: this merged model was widened (PLeaS), so its "
+                                  "channels do not match the experts' one to one")
+        return list(experts)
+    return [permute(e, info["spec"], p) for e, p in zip(experts, perms)]
 
 
 def _mean_ratio(var_m: torch.Tensor, var_e: torch.Tensor, eps: float) -> float:
