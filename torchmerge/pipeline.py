@@ -98,10 +98,11 @@ def _aligned_merge(experts, spec, base, data, align, method, head_paths, example
         perms = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed)
     aligned = [permute(e, spec, p) for e, p in zip(experts, perms)]
     aligned_bases = None if bases is None else [permute(b, spec, p) for b, p in zip(bases, perms)]
-    shared = [_shared_state(e, head_paths) for e in aligned]
+    shared = [_weights(e, head_paths) for e in aligned]
     base_states = _base_states(aligned_bases, bases, head_paths)
     stats = _method_stats(method, aligned, data, max_batches, head_paths)
     result = merge_methods.merge_states(method, shared, base_states, stats, **method_kwargs)
+    result.state.update(_averaged_buffers(aligned, head_paths))
     heads_per_task = [{p: e.get_submodule(p) for p in head_paths} for e in aligned]
     body = build_graph(aligned[0], example_inputs, result.state, heads_per_task, head_paths, sites,
                        leaf_modules, concrete_args)
@@ -184,6 +185,22 @@ def _under(key, paths) -> bool:
     return any(key == p or key.startswith(p + ".") for p in paths)
 
 
+def _weights(model: nn.Module, head_paths) -> dict:
+    """The shared *parameters* (what merge methods act on): buffers such as BatchNorm running
+    statistics are not task vectors — sparsifying or rescaling them could make a variance negative."""
+    params = {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in _shared_state(model, head_paths).items() if k in params}
+
+
+def _averaged_buffers(models, head_paths) -> dict:
+    """Floating buffers averaged over the experts (the correction refits the statistics anyway);
+    integer buffers (e.g. num_batches_tracked) from the first expert."""
+    params = {n for n, _ in models[0].named_parameters()}
+    states = [_shared_state(m, head_paths) for m in models]
+    return {k: (sum(s[k] for s in states) / len(states) if v.is_floating_point() else v)
+            for k, v in states[0].items() if k not in params}
+
+
 def _shared_state(model: nn.Module, head_paths) -> dict:
     return {k: v for k, v in model.state_dict().items() if not _under(k, head_paths)}
 
@@ -192,8 +209,8 @@ def _base_states(aligned_bases, bases, head_paths):
     if bases is None:
         return None
     if all(b is bases[0] for b in bases):  # one shared base: one state, not T copies
-        return _shared_state(aligned_bases[0], head_paths)
-    return [_shared_state(b, head_paths) for b in aligned_bases]
+        return _weights(aligned_bases[0], head_paths)
+    return [_weights(b, head_paths) for b in aligned_bases]
 
 
 def _method_stats(method, aligned, data, max_batches, head_paths):
