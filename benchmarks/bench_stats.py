@@ -3,9 +3,10 @@
 Usage:  python benchmarks/bench_stats.py [--batches 20] [--batch-size 128] [--repeats 3] [--device cpu]
 
 Model: a ResNet-20-like CNN (widths 16/32/64, 32x32 inputs). Statistics pass: ``collect`` with
-``stat="moments"`` on the output of every Conv2d / BatchNorm2d / Linear (39 sites). Plain pass: the
+``stat="moments"`` on the output of every Conv2d / BatchNorm2d / Linear (43 sites). Plain pass: the
 same batches through the model under ``torch.no_grad()`` in eval mode. The two are timed in
-alternation (``--repeats`` rounds, median), so a noisy shared machine slows both alike.
+alternation (``--repeats`` rounds, median), so a noisy shared machine slows both alike; the process's
+CPU time and the load average are recorded too (wall-clock ratios from a loaded machine mislead).
 Prints a table and writes ``benchmarks/results/stats.json``. Target: ratio <= 1.3.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -72,12 +74,13 @@ def stats_pass(model: nn.Module, sites: list[str], batches: list[torch.Tensor]) 
     return collect(model, sites, batches, stat="moments")
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) — CPU time is less sensitive to other load."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -97,10 +100,16 @@ def main() -> None:
 
     plain_pass(model, batches[:2])  # warm-up (allocator, kernels, lazy init)
     stats_pass(model, sites, batches[:2])
-    plain_s, stats_s = [], []
+    plain_s, stats_s, plain_cpu, stats_cpu = [], [], [], []
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):  # alternate so machine load hits both alike
-        plain_s.append(timed(lambda: plain_pass(model, batches), device))
-        stats_s.append(timed(lambda: stats_pass(model, sites, batches), device))
+        for wall, cpu, fn in ((plain_s, plain_cpu, lambda: plain_pass(model, batches)),
+                              (stats_s, stats_cpu, lambda: stats_pass(model, sites, batches))):
+            w, c = timed(fn, device)
+            wall.append(w)
+            cpu.append(c)
+    load_after = os.getloadavg()[0]
+    cpu_ratio = statistics.median(stats_cpu) / statistics.median(plain_cpu)
     plain, stats = statistics.median(plain_s), statistics.median(stats_s)
     ratio = stats / plain
     best_ratio = min(stats_s) / min(plain_s)
@@ -115,6 +124,8 @@ def main() -> None:
         print(f"{name:34s} {sec:9.3f} {ips:9.1f}")
     verdict = "OK" if ratio <= TARGET_RATIO else "ABOVE TARGET"
     print(f"overhead ratio (median) {ratio:.3f}x   (best-of) {best_ratio:.3f}x   target <= {TARGET_RATIO}x  {verdict}")
+    print(f"CPU-time ratio (median) {cpu_ratio:.3f}x   load average {load_before:.2f} -> {load_after:.2f} "
+          f"on {os.cpu_count()} cores (rerun when the machine is idle if this is high)")
 
     result = {
         "benchmark": "stats_hook_overhead", "model": "resnet20 (widths 16/32/64, 32x32)",
@@ -124,6 +135,8 @@ def main() -> None:
         "plain_s": plain_s, "stats_s": stats_s, "plain_median_s": plain, "stats_median_s": stats,
         "ratio": ratio, "ratio_best_of": best_ratio, "target_ratio": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
+        "plain_cpu_s": plain_cpu, "stats_cpu_s": stats_cpu, "ratio_cpu_time": cpu_ratio,
+        "load_average_before_after": [load_before, load_after], "cpu_count": os.cpu_count(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
