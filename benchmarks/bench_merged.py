@@ -1,0 +1,159 @@
+"""Merged-model inference overhead and calibration time.
+
+Usage:  python benchmarks/bench_merged.py [--part inference calibration] [--device cpu|cuda]
+                                          [--samples 2000] [--repeats 5]
+
+inference   ResNet-20 (width 1 and 4), batch 128, 32x32, eval + no_grad: the plain expert, the
+            merged model with the task fixed (``set_task``), with a mixed-task ``[B]`` id tensor,
+            and ``merged.export(task)``. Timed in alternation, median of ``--repeats`` rounds.
+            Targets: task-conditioned <= 1.10x the expert, exported <= 1.02x.
+calibration ResNet-20x4 (widths 64/128/256), 4 tasks x ``--samples`` images (batches of 250):
+            ``tm.calibrate(mode="affine")`` wall time, against the time of one plain forward
+            pass over all the tasks' data (the calibration does 3 passes per task: one expert, two
+            merged), so the ratio shows the overhead of hooks and fitting (ideal ~3).
+Writes ``benchmarks/results/merged_inference_<device>.json`` / ``calibration_<device>.json``.
+The data are random images: timings do not depend on the pixel values.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torchmerge as tm  # noqa: E402
+from models import ResNet20, num_params  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _experts(width, n, device, seed=0):
+    out = []
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        model = ResNet20(width).to(device).eval()
+        with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 2.0)
+        out.append(model)
+    return out
+
+
+def _alternate(fns: dict, repeats: int, device) -> dict:
+    """Median seconds of each function, timed round-robin (a noisy machine slows all alike)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def inference(device, repeats, batches=4, batch=128):
+    rows = []
+    for width in (1, 4):
+        experts = _experts(width, 2, device)
+        x = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(batches)]
+        merged = tm.merge(experts, method="average", example_inputs=x[0], align=None,
+                          correction=None).eval()
+        with torch.no_grad():
+            for site in merged.sites().values():  # non-identity affines: the real work
+                site.scale.uniform_(0.5, 1.5)
+                site.shift.normal_()
+        merged.set_task(1)
+        exported = merged.export(task=1).eval()
+        ids = torch.arange(batch, device=device) % 2
+
+        def run(model, **kw):
+            def go():
+                with torch.no_grad():
+                    for xb in x:
+                        model(xb, **kw)
+            return go
+        t = _alternate({"expert": run(experts[1]), "merged": run(merged), "merged_mixed": run(merged, task=ids),
+                        "exported": run(exported)}, repeats, device)
+        rows.append({"model": f"resnet20x{width}", "params": num_params(experts[0]),
+                     "sites": len(merged.sites()), "batch": batch, **{f"{k}_s": v for k, v in t.items()},
+                     "merged_ratio": t["merged"] / t["expert"], "mixed_ratio": t["merged_mixed"] / t["expert"],
+                     "exported_ratio": t["exported"] / t["expert"]})
+    print(f"{'model':12s} {'sites':>5s} {'expert s':>9s} {'merged':>7s} {'mixed':>7s} {'exported':>8s}")
+    for r in rows:
+        print(f"{r['model']:12s} {r['sites']:5d} {r['expert_s']:9.3f} {r['merged_ratio']:6.3f}x "
+              f"{r['mixed_ratio']:6.3f}x {r['exported_ratio']:7.3f}x")
+    return {"benchmark": "merged_inference", "targets": {"merged_ratio": 1.10, "exported_ratio": 1.02},
+            "rows": rows}
+
+
+def calibration(device, samples, tasks=4, batch=250):
+    experts = _experts(4, tasks, device, seed=10)
+    gen = torch.Generator().manual_seed(0)
+    data = [[(torch.randn(batch, 3, 32, 32, generator=gen) * (1 + 0.2 * t)).to(device)
+             for _ in range(samples // batch)] for t in range(tasks)]
+    merged = tm.merge(experts, method="task_arithmetic", base=None, data=data, align=None,
+                      correction=None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for d in data:
+            for x in d:
+                experts[0](x)
+    _sync(device)
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = tm.calibrate(merged, experts, data, mode="affine")
+    _sync(device)
+    fit = time.perf_counter() - t0
+    row = {"model": "resnet20x4", "params": num_params(experts[0]), "sites": len(merged.sites()),
+           "tasks": tasks, "samples_per_task": samples, "calibrate_s": fit, "one_plain_pass_s": plain,
+           "ratio_to_one_pass": fit / plain, "passes": report["passes"],
+           "last_pass_change": max(v["change"] for v in report["tasks"].values())}
+    print(f"calibrate resnet20x4, {tasks} tasks x {samples}: {fit:.1f} s "
+          f"(one plain pass over all data {plain:.1f} s; ratio {fit / plain:.2f}, ideal ~3)")
+    return {"benchmark": "calibration", **row}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", default=["inference", "calibration"],
+                        choices=["inference", "calibration"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "load_avg": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    RESULTS.mkdir(exist_ok=True)
+    if "inference" in args.part:
+        out = {**inference(device, args.repeats), **meta}
+        (RESULTS / f"merged_inference_{device.type}.json").write_text(json.dumps(out, indent=2))
+    if "calibration" in args.part:
+        out = {**calibration(device, args.samples), **meta}
+        (RESULTS / f"calibration_{device.type}.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
