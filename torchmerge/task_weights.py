@@ -10,7 +10,7 @@ entry and task — as buffers, so they follow ``.to(device, dtype)`` and ``state
 >>> result = merge_states("tall", experts, base={"w": torch.zeros(2)}, lam=0.4)
 >>> weights = TaskWeights.from_result(result)
 >>> weights(0)["w"].tolist(), weights(1)["w"].tolist()
-([0.4000000059604645, 0.0], [0.0, 0.4000000059604645])
+([1.0, 0.0], [0.0, 1.0])
 """
 from __future__ import annotations
 
