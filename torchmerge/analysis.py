@@ -307,14 +307,14 @@ def _mean_ratio(var_m: torch.Tensor, var_e: torch.Tensor, eps: float) -> float:
 # Plots (matplotlib, imported lazily; figures are built without pyplot, so no display is needed)
 # --------------------------------------------------------------------------------------------------
 
-def _figure(ncols: int = 1, width: float = 6.0, height: float = 3.6):
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 3.6, sharey: bool = False):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise TorchMergeError("plotting needs matplotlib: pip install matplotlib "
                               "(or pip install 'torchmerge-nonlocal[examples]')") from None
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, fig.subplots(1, ncols, squeeze=False, sharey=sharey)[0]
 
 
 def _save(fig, path):
@@ -365,12 +365,15 @@ def plot_variance_ratios(ratios: dict, path=None, title: str = "variance ratio (
     2
     """
     panels = _series(ratios, 2)
-    fig, axes = _figure(len(panels), width=5.0)
+    fig, axes = _figure(len(panels), width=5.0, sharey=True)
     for ax, (label, per_task) in zip(axes, panels.items()):
         for task, sites in per_task.items():
             ax.plot(range(len(sites)), list(sites.values()), marker="o", label=task)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_yscale("log")
+        names = list(next(iter(per_task.values()), {}))
+        ax.set_xticks(range(len(names)), [n.rsplit(".", 1)[-1] for n in names], rotation=30, ha="right",
+                      fontsize=8)
         ax.set_xlabel("site (input → output)")
         ax.set_title(f"{title}: {label}" if label else title, fontsize=10)
         ax.legend(fontsize=8)

