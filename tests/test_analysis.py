@@ -65,9 +65,9 @@ def test_hsic_unbiased_needs_four_samples():
         hsic_unbiased(torch.eye(3, dtype=DT), torch.eye(3, dtype=DT))
 
 
-@pytest.mark.parametrize("dx,dy", [(5, 5), (3, 8), (12, 2)])
-def test_linear_cka_matches_reference(dx, dy):
-    x, y = randn(20, dx, seed=dx), randn(20, dy, seed=dy + 50)
+@pytest.mark.parametrize("n,dx,dy", [(20, 5, 5), (20, 3, 8), (20, 12, 2), (9, 6, 7), (40, 30, 2)])
+def test_linear_cka_matches_reference(n, dx, dy):  # feature-space and Gram-space paths
+    x, y = randn(n, dx, seed=dx), randn(n, dy, seed=dy + 50)
     y = y + 0.5 * x[:, :1]  # some shared structure
     assert linear_cka(x, y) == pytest.approx(ref_cka(x, y), rel=1e-10)
 
