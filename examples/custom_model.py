@@ -119,7 +119,10 @@ def main():
     experts = [train_expert(k, splits[name][0], seed=i) for i, (name, (_, _, k)) in enumerate(TASKS.items())]
 
     spec = tm.discover(experts[0], x[:4], leaf_modules=(RobustScale,))
-    print(f"discovered {len(spec.groups)} permutation groups; frozen: {len(spec.frozen)} space(s)")
+    print(f"discovered {len(spec.groups)} permutation groups: "
+          + ", ".join(f"{name} ({g.size})" for name, g in spec.groups.items()))
+    for f in spec.frozen:  # what was left un-permuted, and why
+        print(f"  frozen: {f.size} channels at '{f.module_path or f.node}' ({f.op}): {f.reason}")
 
     print(f"\n{'':24}" + "".join(f"{name:>11}" for name in TASKS))
     print(f"{'experts':24}" + "".join(f"{accuracy(e, splits[n][1]):>11.3f}" for e, n in zip(experts, TASKS)))
