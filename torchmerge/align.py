@@ -142,22 +142,24 @@ class _Matcher:
         perms = self.spec.identity_perms()
         order = [g for g in self.spec.groups if self.members[g] or g in self.scorers]
         dirty, rng = set(order), random.Random(seed)
-        result = AlignResult(perms, [self.objective(perms)],
+        self._terms: dict = {}  # param -> its objective term at the current perms
+        result = AlignResult(perms, [self.tracked(perms, None)],
                              sources={g: "activation" if g in self.scorers else "weight" for g in order})
         for sweep in range(max_iter):
             rng.shuffle(order)
-            changed = False
+            changed, moved = False, set()
             for g in order:
                 if g not in dirty:
                     continue
                 dirty.discard(g)
                 if self.update(g, perms):
                     changed = True
+                    moved.add(g)
                     dirty |= self.neighbors.get(g, set()) | ({g} if g in self.quadratic else set())
             if not changed and self.escape(perms):
-                changed, dirty = True, set(order)
+                changed, dirty, moved = True, set(order), set(order)
             result.sweeps = sweep + 1
-            result.objective.append(self.objective(perms))
+            result.objective.append(self.tracked(perms, moved))
             if not changed:
                 break
         return result
@@ -224,33 +226,52 @@ class _Matcher:
                 k = og.shape[1] // max(1, o.movedim(a, 0)[0].numel())
                 cross = rg.reshape(n * k, -1).float() @ og.reshape(n * k, -1).float().T
                 part = cross.double().reshape(n, k, n, k).pow(2).sum((1, 3))
-            else:
-                part = (rg.float() @ og.float().T).double()
-            total = part if total is None else total + part
-        return total
+                total = part if total is None else total + part
+            else:  # float32 products, accumulated in place over members; one conversion per group
+                rg, og = rg.float(), og.float()
+                total = rg @ og.T if total is None else total.addmm_(rg, og.T)
+        return total.double()
 
     def _permuted_other_axes(self, p: str, axis: int, perms: dict) -> torch.Tensor:
         t = self.oth[p]
         for a, e in self.axes_of[p]:
             if a != axis:
-                t = t.index_select(a, self.spec.index(e, perms).to(t.device))
+                t = _take(t, a, self.spec.index(e, perms))
         return t
 
+    def tracked(self, perms: dict, moved) -> float:
+        """The objective, recomputing only the terms of parameters that ``moved`` groups touch."""
+        params = self.axes_of if moved is None else {p for g in moved for p, _, _ in self.members[g]}
+        for p in params:
+            self._terms[p] = self.objective(perms, (p,))
+        return sum(self._terms[p] for p in self.axes_of)
+
     def objective(self, perms: dict, params=None) -> float:
-        """Σ ⟨W_ref, π(W_other)⟩ over the matched parameters (weight matching's objective)."""
+        """Σ ⟨W_ref, π(W_other)⟩ over the matched parameters (weight matching's objective).
+
+        Row sums in float32, summed over rows in float64: no float64 copies of the models."""
         total = 0.0
         for p in (params if params is not None else self.axes_of):
             t = self.oth[p]
             for a, e in self.axes_of[p]:
-                t = t.index_select(a, self.spec.index(e, perms).to(t.device))
-            total += float((self.ref[p].double() * t.double()).sum())
+                t = _take(t, a, self.spec.index(e, perms))
+            r = self.ref[p].float()
+            rows = r.reshape(r.shape[0], -1) if r.dim() else r.reshape(1, 1)
+            total += float((rows * t.float().reshape(rows.shape)).sum(1).double().sum())
         return total
 
 
 def _rows(t: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
     """[group size, everything else]: the slices of ``t`` each group element owns."""
     n = positions.shape[0]
-    return t.movedim(axis, 0).index_select(0, positions.reshape(-1).to(t.device)).reshape(n, -1)
+    return _take(t.movedim(axis, 0), 0, positions.reshape(-1)).reshape(n, -1)
+
+
+def _take(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(axis, index)``, without the copy when ``index`` is the identity."""
+    if index.shape[0] == t.shape[axis] and torch.equal(index, torch.arange(index.shape[0])):
+        return t
+    return t.index_select(axis, index.to(t.device))
 
 
 def _activation_scorers(reference, other, spec, data, max_batches, probes_per_group) -> dict:
