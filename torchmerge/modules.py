@@ -51,9 +51,6 @@ class TaskAffine(nn.Module):
         super().__init__()
         self.channel_axis = channel_axis
         self.site_node = None  # name of the fx node this site follows (set by the rewriter)
-        # True when the input is a fresh tensor nothing else reads (a layer's output): the
-        # rewriter sets it; inference then updates the input in place
-        self.inplace = False
         self.scale = nn.Parameter(torch.ones(num_tasks, channels, dtype=dtype, device=device))
         self.shift = nn.Parameter(torch.zeros(num_tasks, channels, dtype=dtype, device=device))
 
@@ -63,9 +60,7 @@ class TaskAffine(nn.Module):
                                   f"{self.channel_axis}, got input of shape {tuple(x.shape)}")
         scale = _broadcast_rows(self.scale, task, x.dim(), self.channel_axis)
         shift = _broadcast_rows(self.shift, task, x.dim(), self.channel_axis)
-        if self.inplace and not torch.is_grad_enabled():
-            return x.mul_(scale).add_(shift)  # inference: no new activation buffer to allocate
-        return torch.addcmul(shift, x, scale)
+        return torch.addcmul(shift, x, scale)  # one fused pass (mul_ + add_ in place is two)
 
     def set_identity(self) -> None:
         with torch.no_grad():

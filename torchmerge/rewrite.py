@@ -154,8 +154,6 @@ def _insert_affine(gm, node, task, num_tasks, name) -> None:
     ref = next(gm.parameters())
     affine = TaskAffine(num_tasks, shape[axis], axis, ref.dtype, ref.device)
     affine.site_node = node.name  # where the experts' matching activation lives (calibration)
-    producer = modules.get(node.target) if node.op == "call_module" else None
-    affine.inplace = isinstance(producer, LAYERS + NORMS)  # fresh output, read only by the affine
     gm.add_submodule(f"sites.{name}", affine)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(f"sites.{name}", (node, task))
