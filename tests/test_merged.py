@@ -256,3 +256,18 @@ def test_torch_compile_preserves_outputs():
         assert torch.allclose(compiled(*x, task=1), merged(*x, task=1), atol=1e-5)
         ids = torch.tensor([0, 1, 1, 0])
         assert torch.allclose(compiled(*x, task=ids), merged(*x, task=ids), atol=1e-5)
+
+
+def test_absorbed_batchnorm_fused_equals_two_steps():
+    """Sites after a BatchNorm own its call; the fused batch_norm equals norm then affine."""
+    case = BY_NAME["resnet_basic"]
+    merged, _ = _merged(case)
+    _randomize_sites(merged)
+    absorbed = [s for s in merged.sites().values() if s.norm_path is not None]
+    assert absorbed
+    x = _inputs(case)
+    with torch.no_grad():
+        fused = merged(*x, task=1)
+        for s in absorbed:
+            s.fuse = False
+        assert torch.allclose(merged(*x, task=1), fused, atol=1e-5)

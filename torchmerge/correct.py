@@ -164,12 +164,11 @@ def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None
     try:
         for name, site in sites.items():
             if where == "input":
-                handles.append(site.register_forward_pre_hook(
-                    lambda m, args, name=name: hook(name, m, args[0])))
+                handles.append(_on_affine_input(site, lambda s, x, name=name: hook(name, s, x)))
             else:
                 handles.append(site.register_forward_hook(
                     lambda m, args, out, name=name: hook(name, m, out)))
-        with _mode([merged], False):
+        with _mode([merged], False), _unfused(merged):
             for x in _progress(iter_inputs(batches, max_batches, _device(merged)), progress, batches,
                                max_batches):
                 merged(x, task=task)
@@ -177,6 +176,26 @@ def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None
         for h in handles:
             h.remove()
     return _reduced(stats)
+
+
+def _on_affine_input(site, fn):
+    """Hook ``fn(site, x)`` on the tensor the site's affine acts on (after an absorbed norm),
+    before the affine runs: the site's ``observe`` identity."""
+    return site.observe.register_forward_hook(lambda m, args, out: fn(site, out))
+
+
+@contextlib.contextmanager
+def _unfused(merged):
+    """Two-step norm + affine at every site, so hooks see the affine's input."""
+    sites = list(merged.sites().values())
+    flags = [s.fuse for s in sites]
+    try:
+        for s in sites:
+            s.fuse = False
+        yield
+    finally:
+        for s, flag in zip(sites, flags):
+            s.fuse = flag
 
 
 def site_moments(merged, experts, data, task, max_batches=None) -> dict:
@@ -250,18 +269,18 @@ def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
 
     gm = observed_expert(merged, expert, _first_input(batches, _device(expert)), on_expert)
 
-    def pre_hook(site, args, name):
-        x = args[0].detach()
+    def pre_hook(site, x, name):
+        x = x.detach()
         mine[name].update(x, site.channel_axis)
         mean_m, var_m = _batch_moments(x, site.channel_axis)
         mean_e, var_e = batch_target[name]
         scale = (var_e + eps).sqrt() / (var_m + eps).sqrt()
         _set_rows(site, t, scale, mean_e - scale * mean_m)
 
-    handles = [site.register_forward_pre_hook(lambda m, args, name=name: pre_hook(m, args, name))
+    handles = [_on_affine_input(site, lambda s, x, name=name: pre_hook(s, x, name))
                for name, site in sites.items()]
     try:
-        with _mode([gm, merged], False):
+        with _mode([gm, merged], False), _unfused(merged):
             for x in _progress(iter_inputs(batches, max_batches), progress, batches, max_batches):
                 gm(x.to(_device(expert)))
                 merged(x.to(_device(merged)), task=t)

@@ -14,6 +14,7 @@ torch.Size([4, 3, 5, 5])
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import TorchMergeError
@@ -45,22 +46,50 @@ def _broadcast_rows(table: torch.Tensor, task, ndim: int, axis: int) -> torch.Te
 
 
 class TaskAffine(nn.Module):
-    """Per-task, per-channel ``y = scale[t] · x + shift[t]``; parameters are ``[T, C]``."""
+    """Per-task, per-channel ``y = scale[t] · x + shift[t]``; parameters are ``[T, C]``.
+
+    A site right after a BatchNorm owns that norm's call (``absorb_norm``): with one task for the
+    batch and the norm in eval mode, norm and affine run as ONE ``batch_norm`` with composed
+    weights — no extra pass over the activation. ``observe`` (an identity) sees the tensor the
+    affine acts on, for hooks; ``fuse = False`` forces the two-step path (calibration uses it).
+    """
 
     def __init__(self, num_tasks: int, channels: int, channel_axis: int = 1, dtype=None, device=None):
         super().__init__()
         self.channel_axis = channel_axis
         self.site_node = None  # name of the fx node this site follows (set by the rewriter)
+        self.norm_path = None  # path of an absorbed BatchNorm (set by absorb_norm)
+        self.fuse = True
+        object.__setattr__(self, "_norm", None)  # a reference, not a submodule: it lives elsewhere
+        self.observe = nn.Identity()
         self.scale = nn.Parameter(torch.ones(num_tasks, channels, dtype=dtype, device=device))
         self.shift = nn.Parameter(torch.zeros(num_tasks, channels, dtype=dtype, device=device))
 
+    def absorb_norm(self, norm: nn.Module, path: str) -> None:
+        """Run ``norm`` (a BatchNorm with running statistics, owned elsewhere) before the affine."""
+        object.__setattr__(self, "_norm", norm)
+        self.norm_path = path
+
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
+        norm = self._norm
+        if norm is not None:
+            if self.fuse and isinstance(task, int) and not norm.training:
+                return self._fused(x, norm, task)
+            x = norm(x)
+        x = self.observe(x)
         if x.shape[self.channel_axis] != self.scale.shape[1]:
             raise TorchMergeError(f"TaskAffine expects {self.scale.shape[1]} channels on axis "
                                   f"{self.channel_axis}, got input of shape {tuple(x.shape)}")
         scale = _broadcast_rows(self.scale, task, x.dim(), self.channel_axis)
         shift = _broadcast_rows(self.shift, task, x.dim(), self.channel_axis)
         return torch.addcmul(shift, x, scale)  # one fused pass (mul_ + add_ in place is two)
+
+    def _fused(self, x, norm, task):
+        """scale·BN(x) + shift = batch_norm(x) with weight·scale and bias·scale + shift."""
+        scale, shift = self.scale[task], self.shift[task]
+        weight = scale if norm.weight is None else norm.weight * scale
+        bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
+        return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, False, 0.0, norm.eps)
 
     def set_identity(self) -> None:
         with torch.no_grad():

@@ -155,10 +155,22 @@ def _insert_affine(gm, node, task, num_tasks, name) -> None:
     affine = TaskAffine(num_tasks, shape[axis], axis, ref.dtype, ref.device)
     affine.site_node = node.name  # where the experts' matching activation lives (calibration)
     gm.add_submodule(f"sites.{name}", affine)
+    norm = modules.get(node.target) if node.op == "call_module" else None
+    absorb = _absorbable(gm, node, norm)
     with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(f"sites.{name}", (node, task))
+        new = gm.graph.call_module(f"sites.{name}", (node.args[0] if absorb else node, task))
     new.meta["shape"] = shape
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    if absorb:  # the site calls the norm itself: fused into one batch_norm at inference
+        affine.absorb_norm(norm, node.target)
+        gm.graph.erase_node(node)
+
+
+def _absorbable(gm, node, norm) -> bool:
+    """A BatchNorm with running statistics, called once, on one tensor, with no other users."""
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats \
+        and len(node.args) == 1 and not node.kwargs and len(node.users) == 1 \
+        and sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +199,10 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
 
 def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     scale, shift = affine.scale[task].detach(), affine.shift[task].detach()
+    if affine.norm_path is not None:  # the site owns its BatchNorm's call: put the norm back
+        with gm.graph.inserting_before(node):
+            src = gm.graph.call_module(affine.norm_path, (node.args[0],))
+        node.args = (src,) + node.args[1:]
     src = node.args[0]
     layer = modules.get(src.target) if src.op == "call_module" else None
     calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) \
