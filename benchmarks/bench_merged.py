@@ -5,7 +5,9 @@ Usage:  python benchmarks/bench_merged.py [--part inference calibration] [--devi
 
 inference   ResNet-20 (width 1 and 4), batch 128, 32x32, eval + no_grad: the plain expert, the
             merged model with the task fixed (``set_task``), with a mixed-task ``[B]`` id tensor,
-            and ``merged.export(task)``. Timed in alternation, median of ``--repeats`` rounds.
+            and ``merged.export(task)``. Timed in alternation, median of ``--repeats`` rounds, as
+            process CPU time on CPU (a shared machine's load inflates wall time unevenly) with
+            ``--threads`` torch threads (default 1), wall time on CUDA.
             Targets: task-conditioned <= 1.10x the expert, exported <= 1.02x.
 calibration ResNet-20x4 (widths 64/128/256), 4 tasks x ``--samples`` images (batches of 250):
             ``tm.calibrate(mode="affine")`` wall time, against the time of one plain forward
@@ -61,14 +63,15 @@ def _alternate(fns: dict, repeats: int, device) -> dict:
     """Median seconds of each function, timed round-robin (a noisy machine slows all alike)."""
     for fn in fns.values():
         fn()
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -141,7 +144,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "platform": platform.platform(), "load_avg": os.getloadavg(),

@@ -113,6 +113,10 @@ class MergedModel(nn.Module):
             self._apply_weights(t)
             outs.append((rows, self.body(*[x.index_select(0, rows) for x in inputs], task=t)))
         first = outs[0][1]
+        sizes = {t: tuple(o.shape[1:]) for t, (_, o) in zip(ids.unique().tolist(), outs)}
+        if len(set(sizes.values())) > 1:
+            raise TorchMergeError(f"a mixed-task batch needs heads with equal output shapes, got {sizes}; "
+                                  "run tasks with different head sizes separately (model.set_task)")
         out = first.new_empty((ids.shape[0],) + first.shape[1:])
         for rows, o in outs:
             out.index_copy_(0, rows, o)
