@@ -22,6 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # the checkout, also when not installed
 
 import torchmerge as tm  # noqa: E402
 from models import MODELS, num_params  # noqa: E402

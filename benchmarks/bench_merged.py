@@ -7,7 +7,11 @@ inference   ResNet-20 (width 1 and 4), batch 128, 32x32, eval + no_grad: the pla
             merged model with the task fixed (``set_task``), with a mixed-task ``[B]`` id tensor,
             and ``merged.export(task)``. Timed in alternation, median of ``--repeats`` rounds, as
             process CPU time on CPU (a shared machine's load inflates wall time unevenly) with
-            ``--threads`` torch threads (default 1), wall time on CUDA.
+            ``--threads`` torch threads (default 1), wall time on CUDA. ``fx`` is the expert itself
+            traced by torch.fx: fx's generated code frees activations at other points than eager
+            Python, which with glibc's default malloc costs page faults (about 1.2x on ResNet-20);
+            run with ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` to
+            see the merged model's own overhead (results go to ``..._cpu_malloc.json``).
             Targets: task-conditioned <= 1.10x the expert, exported <= 1.02x.
 calibration ResNet-20x4 (widths 64/128/256), 4 tasks x ``--samples`` images (batches of 250):
             ``tm.calibrate(mode="affine")`` wall time, against the time of one plain forward
@@ -96,15 +100,17 @@ def inference(device, repeats, batches=4, batch=128):
                     for xb in x:
                         model(xb, **kw)
             return go
-        t = _alternate({"expert": run(experts[1]), "merged": run(merged), "merged_mixed": run(merged, task=ids),
-                        "exported": run(exported)}, repeats, device)
+        traced = torch.fx.symbolic_trace(experts[1])  # the expert as an fx graph, nothing else
+        t = _alternate({"expert": run(experts[1]), "expert_fx": run(traced), "merged": run(merged),
+                        "merged_mixed": run(merged, task=ids), "exported": run(exported)}, repeats, device)
         rows.append({"model": f"resnet20x{width}", "params": num_params(experts[0]),
                      "sites": len(merged.sites()), "batch": batch, **{f"{k}_s": v for k, v in t.items()},
+                     "fx_ratio": t["expert_fx"] / t["expert"],
                      "merged_ratio": t["merged"] / t["expert"], "mixed_ratio": t["merged_mixed"] / t["expert"],
                      "exported_ratio": t["exported"] / t["expert"]})
-    print(f"{'model':12s} {'sites':>5s} {'expert s':>9s} {'merged':>7s} {'mixed':>7s} {'exported':>8s}")
+    print(f"{'model':12s} {'sites':>5s} {'expert s':>9s} {'fx':>7s} {'merged':>7s} {'mixed':>7s} {'exported':>8s}")
     for r in rows:
-        print(f"{r['model']:12s} {r['sites']:5d} {r['expert_s']:9.3f} {r['merged_ratio']:6.3f}x "
+        print(f"{r['model']:12s} {r['sites']:5d} {r['expert_s']:9.3f} {r['fx_ratio']:6.3f}x {r['merged_ratio']:6.3f}x "
               f"{r['mixed_ratio']:6.3f}x {r['exported_ratio']:7.3f}x")
     return {"benchmark": "merged_inference", "targets": {"merged_ratio": 1.10, "exported_ratio": 1.02},
             "rows": rows}
@@ -154,7 +160,10 @@ def main(argv=None):
     RESULTS.mkdir(exist_ok=True)
     if "inference" in args.part:
         out = {**inference(device, args.repeats), **meta}
-        (RESULTS / f"merged_inference_{device.type}.json").write_text(json.dumps(out, indent=2))
+        tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ
+        out["malloc"] = "mmap/trim thresholds raised" if tuned else "glibc default"
+        name = f"merged_inference_{device.type}{'_malloc' if tuned else ''}.json"
+        (RESULTS / name).write_text(json.dumps(out, indent=2))
     if "calibration" in args.part:
         out = {**calibration(device, args.samples), **meta}
         (RESULTS / f"calibration_{device.type}.json").write_text(json.dumps(out, indent=2))

@@ -29,34 +29,10 @@ sys.path.insert(0, str(HERE.parent))
 
 from torchmerge.stats import collect  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from models import ResNet20  # noqa: E402
+
 TARGET_RATIO = 1.3
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-def resnet20(width: int = 16, num_classes: int = 10) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    cin = width
-    for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-        for k in range(3):
-            layers.append(BasicBlock(cin, cout, stride if k == 0 else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +70,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = resnet20().to(device).eval()
+    model = ResNet20(width=1).to(device).eval()
     sites = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
     batches = [torch.randn(args.batch_size, 3, 32, 32, device=device) for _ in range(args.batches)]
 

@@ -162,6 +162,23 @@ class Aligned:
         return value.to(self.experts[0][key].dtype)
 
 
+def add_to_base(src, lam: float, merged_tau) -> dict:
+    """``θ₀ + λ·merged_tau(key, θ₀)`` for every floating key of ``src``; other keys pass through."""
+    state = {}
+    for key in src.keys:
+        if key not in src.float_keys:
+            state[key] = src.passthrough(key)
+            continue
+        theta0 = src.base(key)
+        state[key] = src.out(key, theta0 + lam * merged_tau(key, theta0))
+    return state
+
+
+def summed_taus(src):
+    """``merged_tau`` for :func:`add_to_base`: Σ_i τ_i (Task Arithmetic)."""
+    return lambda key, theta0: sum(src.tau(i, key, theta0) for i in range(src.num_tasks))
+
+
 def task_vectors(experts, base=None):
     """Return ``(θ₀, [τ_1, …, τ_T])`` as full state dicts (floating-point keys only).
 

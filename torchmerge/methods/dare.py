@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Aligned, MergeResult, check_choice, check_fraction, check_nonneg
+from .base import Aligned, MergeResult, add_to_base, check_choice, check_fraction, check_nonneg, summed_taus
 from .ties import ties_merge_source
 
 
@@ -66,12 +66,4 @@ def dare(experts, base=None, p: float = 0.9, lam: float = 0.4, rescale: bool = T
     if combine == "ties":
         info["k"] = k
         return ties_merge_source(src, k, lam, info)
-    state = {}
-    for key in src.keys:
-        if key not in src.float_keys:
-            state[key] = src.passthrough(key)
-            continue
-        theta0 = src.base(key)
-        total = sum(src.tau(i, key, theta0) for i in range(src.num_tasks))
-        state[key] = src.out(key, theta0 + lam * total)
-    return MergeResult(state=state, info=info)
+    return MergeResult(state=add_to_base(src, lam, summed_taus(src)), info=info)

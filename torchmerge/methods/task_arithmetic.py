@@ -14,19 +14,12 @@ With ``base=None`` θ₀ is the mean of the experts, so Σ τ_i = 0 and the resu
 """
 from __future__ import annotations
 
-from .base import Aligned, MergeResult, check_nonneg
+from .base import Aligned, MergeResult, add_to_base, check_nonneg, summed_taus
 
 
 def task_arithmetic(experts, base=None, lam: float = 0.4) -> MergeResult:
     """θ₀ + λ Σ_i τ_i, key by key (see the module docstring)."""
     lam = check_nonneg("lam", lam)
     al = Aligned(experts, base)
-    state = {}
-    for k in al.keys:
-        if k not in al.float_keys:
-            state[k] = al.passthrough(k)
-            continue
-        theta0 = al.base(k)
-        total = sum(al.tau(i, k, theta0) for i in range(al.num_tasks))
-        state[k] = al.out(k, theta0 + lam * total)
+    state = add_to_base(al, lam, summed_taus(al))
     return MergeResult(state=state, info={"method": "task_arithmetic", "lam": lam})

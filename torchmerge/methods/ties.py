@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Aligned, MergeResult, check_fraction, check_nonneg
+from .base import Aligned, MergeResult, add_to_base, check_fraction, check_nonneg
 
 _HI = 1 << 15  # high 16 bits of a non-negative float32 pattern: 0..32767
 _LO = 1 << 16
@@ -101,13 +101,7 @@ def ties_key(src, key: str, theta0: torch.Tensor, thresholds: list[int]) -> torc
 
 def ties_merge_source(src, k: float, lam: float, info: dict) -> MergeResult:
     thresholds = topk_thresholds(src, k)
-    state = {}
-    for key in src.keys:
-        if key not in src.float_keys:
-            state[key] = src.passthrough(key)
-            continue
-        theta0 = src.base(key)
-        state[key] = src.out(key, theta0 + lam * ties_key(src, key, theta0, thresholds))
+    state = add_to_base(src, lam, lambda key, theta0: ties_key(src, key, theta0, thresholds))
     return MergeResult(state=state, info=info)
 
 
