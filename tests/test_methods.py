@@ -373,6 +373,21 @@ def test_regmean_dead_inputs_take_the_average():
     torch.testing.assert_close(w, torch.tensor([[(2 * 1 + 3) / 3, 6.0]]))
 
 
+def test_regmean_not_positive_definite_falls_back_to_lu_or_says_singular():
+    """Cholesky refuses a Σ G that is not positive definite: an invertible one is solved by LU
+    (same formula), an exactly singular one (α = 1, rank-deficient data) is a clear error."""
+    experts = [{"w": torch.tensor([[1.0, 2.0]])}, {"w": torch.tensor([[3.0, -1.0]])}]
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and −1
+    grams = [{"w": indefinite}, {"w": indefinite}]
+    want = ref_regmean([e["w"] for e in experts], [s["w"] for s in grams], 1.0)
+    torch.testing.assert_close(regmean(experts, grams, alpha=1.0).state["w"].double(), want)
+    rank_one = [{"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}]
+    with pytest.raises(TorchMergeError, match=r"RegMean: Σ Gram for 'w' .* singular; use alpha < 1"):
+        regmean(experts, rank_one, alpha=1.0)
+    torch.testing.assert_close(regmean(experts, rank_one, alpha=0.5).state["w"].double(),
+                               ref_regmean([e["w"] for e in experts], [s["w"] for s in rank_one], 0.5))
+
+
 @HYP
 @given(seed=st.integers(0, 10_000), shapes=shapes_st, T=st.integers(1, 4))
 def test_fisher_reference_and_mats_fisher(seed, shapes, T):

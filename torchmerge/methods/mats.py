@@ -48,6 +48,7 @@ def conjugate_gradient(apply_A, b: torch.Tensor, x0: torch.Tensor, max_iter: int
     ([0.090909, 0.636364], 2)
     """
     precond = precond or (lambda r: r)
+    dot = lambda u, v: float(torch.dot(u.reshape(-1), v.reshape(-1)))  # noqa: E731
     x = x0.clone()
     r = b - apply_A(x)
     b_norm = float(b.norm()) or 1.0
@@ -56,22 +57,25 @@ def conjugate_gradient(apply_A, b: torch.Tensor, x0: torch.Tensor, max_iter: int
         return x, 0, res
     z = precond(r)
     p = z.clone()
-    rz = (r * z).sum()
+    rz = dot(r, z)
+    # updates in place: x, r, p and the two fresh vectors A p and M⁻¹ r are all that is alive
     for it in range(1, max_iter + 1):
         ap = apply_A(p)
-        pap = (p * ap).sum()
+        pap = dot(p, ap)
         if pap <= 0:  # direction in the null space: nothing more to solve
             return x, it - 1, res
         step = rz / pap
-        x += step * p
-        r -= step * ap
+        x.add_(p, alpha=step)
+        r.add_(ap, alpha=-step)
+        del ap
         res = float(r.norm()) / b_norm
         if res <= tol:
             return x, it, res
         z = precond(r)
-        rz_new = (r * z).sum()
-        p = z + (rz_new / rz) * p
+        rz_new = dot(r, z)
+        p.mul_(rz_new / rz).add_(z)
         rz = rz_new
+        del z
     return x, max_iter, res
 
 

@@ -5,7 +5,7 @@ For every weight W (shape ``[out, d]``; conv weights ``[out, c, kh, kw]`` are fl
 ``[out, c·kh·kw]``, the unfolded input) with input Gram matrices G_i = X_iᵀ X_i (``[d, d]``):
 
     G_i ← α G_i + (1 − α) diag(G_i)        (off-diagonals scaled by α, diagonal kept)
-    W*  = (Σ_i W_i G_i) (Σ_i G_i)⁻¹         (solved with torch.linalg.solve, float64)
+    W*  = (Σ_i W_i G_i) (Σ_i G_i)⁻¹         (float64 Cholesky in place; LU if not positive definite)
 
 Default α = 0.9. (The official code, bloomberg/dataless-model-merging, leaves the reduction off
 by default — α = 1 — and the paper tunes α; 0.9 is the value common re-implementations use.)
@@ -65,46 +65,82 @@ def gram_shape(w: torch.Tensor) -> tuple:
     return (d, d)
 
 
-def reduce_off_diagonal(g: torch.Tensor, alpha: float) -> torch.Tensor:
-    """α G + (1 − α) diag(G) (a new tensor; ``g`` is not modified)."""
-    diag = g.diagonal().clone()
-    out = g * alpha
-    out.diagonal().copy_(diag)
-    return out
+_ROW_BLOCK = 256  # Gram rows converted to float64 at a time
+_PIVOT_RTOL = 1e-7  # Cholesky pivot ratio below which Σ G counts as singular (condition ~1e14)
 
 
 def regmean_system(al: Aligned, grams: list[dict], key: str, alpha: float):
-    """(Σ G_i, Σ W_i G_i) in float64 for one weight, W_i flattened to [out, d]; accumulated one
-    expert at a time so only a few d×d matrices are alive."""
+    """(Σ G̃_i, Σ W_i G̃_i) in float64 for one weight, W_i flattened to ``[out, d]``,
+    G̃ = α G + (1 − α) diag G. Grams are read in row blocks (W G = Σ_blocks W[:, s] G[s, :]), so
+    the sum is the only d×d matrix alive, whatever the Grams' dtype."""
     w0 = al.experts[0][key]
-    a = b = None
+    d, dev = w0[0].numel(), w0.device
+    a = torch.zeros(d, d, dtype=_SOLVE_DTYPE, device=dev)
+    b = torch.zeros(w0.shape[0], d, dtype=_SOLVE_DTYPE, device=dev)
     for e, g in zip(al.experts, grams):
-        gi = g[key].to(device=w0.device, dtype=_SOLVE_DTYPE, copy=True)
-        diag = gi.diagonal().clone()
-        gi.mul_(alpha).diagonal().copy_(diag)  # α G + (1 − α) diag G, in place on the copy
-        wg = e[key].reshape(w0.shape[0], -1).to(_SOLVE_DTYPE) @ gi
-        if a is None:
-            a, b = gi, wg
-        else:
-            a.add_(gi)
-            b.add_(wg)
-        del gi, wg
+        w, g = e[key].reshape(w0.shape[0], d), g[key]
+        diag = g.diagonal().to(device=dev, dtype=_SOLVE_DTYPE) * (1 - alpha)
+        for s in range(0, d, _ROW_BLOCK):
+            block = slice(s, s + _ROW_BLOCK)
+            rows, cols = g[block].to(device=dev, dtype=_SOLVE_DTYPE), w[:, block].to(_SOLVE_DTYPE)
+            a[block].add_(rows, alpha=alpha)
+            b.addmm_(cols, rows, alpha=alpha)
+            b[:, block].addcmul_(cols, diag[block])
+        a.diagonal().add_(diag)
     return a, b
 
 
-def regmean_key(al: Aligned, grams: list[dict], key: str, alpha: float) -> torch.Tensor:
-    a, b = regmean_system(al, grams, key, alpha)
+def cholesky_in_place(a: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor of symmetric ``a``, written into ``a``'s own storage (no second
+    d×d matrix); None when ``a`` is not positive definite (``a`` is then overwritten garbage)."""
+    at = a.mT  # the column-major view LAPACK factorises in place
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    try:
+        low, info = torch.linalg.cholesky_ex(at, out=(at, info))
+    except RuntimeError:  # a backend that refuses the aliased output: the caller falls back to LU
+        return None
+    return None if int(info) else low
+
+
+def solve_right_cholesky(low: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """X with X (L Lᵀ) = B: Y Lᵀ = B, then X L = Y, both solved into ``b``'s storage."""
+    torch.linalg.solve_triangular(low.mT, b, upper=True, left=False, out=b)
+    return torch.linalg.solve_triangular(low, b, upper=False, left=False, out=b)
+
+
+def _fill_dead(al: Aligned, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Inputs no expert ever saw (zero Gram diagonal): W*'s column is the experts' mean column."""
     dead = a.diagonal() == 0
     if bool(dead.any()):
         a.diagonal().add_(dead.to(a.dtype))
         mean = sum(e[key].reshape(b.shape[0], -1).to(_SOLVE_DTYPE) for e in al.experts) / al.num_tasks
         b[:, dead] = mean[:, dead]
-    try:
-        w = torch.linalg.solve(a, b.T).T  # Σ G is symmetric: (B A⁻¹)ᵀ = A⁻¹ Bᵀ
-    except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise TorchMergeError(f"RegMean: Σ Gram for {key!r} (shape {tuple(a.shape)}) is singular; "
-                              "use alpha < 1 or more data") from err
+
+
+def regmean_key(al: Aligned, grams: list[dict], key: str, alpha: float) -> torch.Tensor:
+    a, b = regmean_system(al, grams, key, alpha)
+    _fill_dead(al, key, a, b)
+    shape = tuple(a.shape)
+    low = cholesky_in_place(a)
+    if low is None:  # symmetric but not positive definite (Grams that are not X^T X): LU
+        a, b = regmean_system(al, grams, key, alpha)
+        _fill_dead(al, key, a, b)
+        try:
+            w = torch.linalg.solve(a, b.T).T  # Σ G is symmetric: (B A⁻¹)ᵀ = A⁻¹ Bᵀ
+        except RuntimeError as err:  # torch.linalg.LinAlgError subclasses RuntimeError
+            raise _singular(key, shape) from err
+    else:
+        pivots = low.diagonal()
+        # a pivot this small means Σ G is singular up to rounding (α = 1 with rank-deficient data)
+        if float(pivots.min()) <= _PIVOT_RTOL * float(pivots.max()):
+            raise _singular(key, shape)
+        w = solve_right_cholesky(low, b)
     return al.out(key, w.reshape(al.experts[0][key].shape))
+
+
+def _singular(key: str, shape: tuple) -> TorchMergeError:
+    return TorchMergeError(f"RegMean: Σ Gram for {key!r} (shape {shape}) is singular; use alpha < 1 "
+                           "or more data")
 
 
 def regmean(experts, grams, alpha: float = 0.9) -> MergeResult:
