@@ -13,7 +13,8 @@ sweep), a Python loop over the group's member tensors builds the cost matrix (ot
 current permutations applied with ``np.take`` per axis, the group's axis moved to the front,
 reshaped to ``[n, -1]``, ``A += W_ref @ W_other.T``), then ``linear_sum_assignment(maximize=True)``;
 a group moves only if its gain is > 1e-12; sweeps repeat until no group moves. It visits every
-group every sweep (torchmerge skips groups whose neighbours did not change: same answer).
+group every sweep and recomputes every term (torchmerge skips groups whose neighbours did not
+change, and keeps expensive score terms until a group they depend on moves: same answer).
 Members that are blocks of an axis (flatten into a Linear: the axis is group x spatial) are read
 through the spec's own description (``spec.positions`` / ``spec.index``), as torchmerge does.
 Not reproduced: torchmerge's extra checks for a group on two axes of one tensor and its escape

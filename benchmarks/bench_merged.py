@@ -1,17 +1,20 @@
 """Merged-model inference overhead and calibration time.
 
 Usage:  python benchmarks/bench_merged.py [--part inference calibration] [--device cpu|cuda]
-                                          [--samples 2000] [--repeats 5]
+                                          [--samples 2000] [--repeats 20]
 
 inference   ResNet-20 (width 1 and 4), batch 128, 32x32, eval + no_grad: the plain expert, the
             merged model with the task fixed (``set_task``), with a mixed-task ``[B]`` id tensor,
-            and ``merged.export(task)``. Timed in alternation, median of ``--repeats`` rounds, as
-            process CPU time on CPU (a shared machine's load inflates wall time unevenly) with
-            ``--threads`` torch threads (default 1), wall time on CUDA. ``fx`` is the expert itself
-            traced by torch.fx: fx's generated code frees activations at other points than eager
-            Python, which with glibc's default malloc costs page faults (about 1.2x on ResNet-20);
-            run with ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` to
-            see the merged model's own overhead (results go to ``..._cpu_malloc.json``).
+            ``merged.export(task)`` (a GraphModule) and ``merged.export(task, like=expert)`` (the
+            expert's own class with the merged weights, eager code: a control, as it runs the
+            expert's own ops). Timed in alternation over ``--repeats`` rounds of one batch each,
+            best (the headline) and median, as process CPU time on CPU (a shared machine's load inflates wall time
+            unevenly) with ``--threads`` torch threads (default 1), wall time on CUDA. ``fx`` is
+            the expert itself traced by torch.fx: fx's generated code frees activations at other
+            points than eager Python, which with glibc's default malloc costs page faults (up to
+            1.3x on ResNet-20x1); run with ``MALLOC_MMAP_THRESHOLD_=1000000000
+            MALLOC_TRIM_THRESHOLD_=1000000000`` to see the merged model's own overhead (results
+            go to ``..._cpu_malloc.json``).
             Targets: task-conditioned <= 1.10x the expert, exported <= 1.02x.
 calibration ResNet-20x4 (widths 64/128/256), 4 tasks x ``--samples`` images (batches of 250):
             ``tm.calibrate(mode="affine")`` wall time, against the time of one plain forward
@@ -64,7 +67,8 @@ def _experts(width, n, device, seed=0):
 
 
 def _alternate(fns: dict, repeats: int, device) -> dict:
-    """Median seconds of each function, timed round-robin (a noisy machine slows all alike)."""
+    """Seconds of each function, timed round-robin (a noisy machine slows all alike): the best
+    (minimum) and median of ``repeats`` rounds per function."""
     for fn in fns.values():
         fn()
     clock = time.perf_counter if device.type == "cuda" else time.process_time
@@ -76,10 +80,14 @@ def _alternate(fns: dict, repeats: int, device) -> dict:
             fn()
             _sync(device)
             times[name].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: {"best": min(v), "median": statistics.median(v)} for k, v in times.items()}
 
 
-def inference(device, repeats, batches=4, batch=128):
+RATIOS = {"fx": "expert_fx", "merged": "merged", "mixed": "merged_mixed", "exported": "exported",
+          "exported_like": "exported_like"}
+
+
+def inference(device, repeats, batches=1, batch=128):
     rows = []
     for width in (1, 4):
         experts = _experts(width, 2, device)
@@ -92,27 +100,32 @@ def inference(device, repeats, batches=4, batch=128):
                 site.shift.normal_()
         merged.set_task(1)
         exported = merged.export(task=1).eval()
+        own = merged.export(task=1, like=experts[1]).eval()  # the expert's class, eager code
         ids = torch.arange(batch, device=device) % 2
 
         def run(model, **kw):
-            def go():
+            def go():  # one batch per call: short rounds, so a noisy neighbour hits few of them
                 with torch.no_grad():
-                    for xb in x:
-                        model(xb, **kw)
+                    model(x[0], **kw)
             return go
         traced = torch.fx.symbolic_trace(experts[1])  # the expert as an fx graph, nothing else
         t = _alternate({"expert": run(experts[1]), "expert_fx": run(traced), "merged": run(merged),
-                        "merged_mixed": run(merged, task=ids), "exported": run(exported)}, repeats, device)
-        rows.append({"model": f"resnet20x{width}", "params": num_params(experts[0]),
-                     "sites": len(merged.sites()), "batch": batch, **{f"{k}_s": v for k, v in t.items()},
-                     "fx_ratio": t["expert_fx"] / t["expert"],
-                     "merged_ratio": t["merged"] / t["expert"], "mixed_ratio": t["merged_mixed"] / t["expert"],
-                     "exported_ratio": t["exported"] / t["expert"]})
-    print(f"{'model':12s} {'sites':>5s} {'expert s':>9s} {'fx':>7s} {'merged':>7s} {'mixed':>7s} {'exported':>8s}")
+                        "merged_mixed": run(merged, task=ids), "exported": run(exported),
+                        "exported_like": run(own)}, repeats, device)
+        row = {"model": f"resnet20x{width}", "params": num_params(experts[0]),
+               "sites": len(merged.sites()), "batch": batch, "seconds": t}
+        for stat in ("best", "median"):
+            row[stat] = {k: t[v][stat] / t["expert"][stat] for k, v in RATIOS.items()}
+        rows.append(row)
+    print(f"{'model':12s} {'':6s} {'expert s':>9s} {'fx':>7s} {'merged':>7s} {'mixed':>7s} {'exported':>8s}"
+          f" {'like=':>7s}")
     for r in rows:
-        print(f"{r['model']:12s} {r['sites']:5d} {r['expert_s']:9.3f} {r['fx_ratio']:6.3f}x {r['merged_ratio']:6.3f}x "
-              f"{r['mixed_ratio']:6.3f}x {r['exported_ratio']:7.3f}x")
-    return {"benchmark": "merged_inference", "targets": {"merged_ratio": 1.10, "exported_ratio": 1.02},
+        for stat in ("best", "median"):
+            q = r[stat]
+            print(f"{r['model']:12s} {stat:6s} {r['seconds']['expert'][stat]:9.3f} {q['fx']:6.3f}x "
+                  f"{q['merged']:6.3f}x {q['mixed']:6.3f}x {q['exported']:7.3f}x {q['exported_like']:6.3f}x")
+    print("ratios to the expert; 'best': minimum over rounds (the headline), 'median': the middle round")
+    return {"benchmark": "merged_inference", "targets": {"merged": 1.10, "exported": 1.02},
             "rows": rows}
 
 
@@ -149,7 +162,7 @@ def main(argv=None):
                         choices=["inference", "calibration"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

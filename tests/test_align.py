@@ -14,6 +14,7 @@ Properties checked (weight matching and activation matching alike unless said ot
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -126,6 +127,51 @@ def test_objective_never_decreases(name):
         assert len(obj) == result.sweeps + 1 and result.sweeps >= 1
         assert all(b >= a - 1e-9 * abs(a) for a, b in zip(obj, obj[1:])), obj
         assert set(result.sources.values()) == {"weight"}
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet_bottleneck", "vit", "resnext", "mlp_mixer",
+                                  "tied_lm"])
+def test_kept_score_terms_change_nothing(name, monkeypatch):
+    """Keeping expensive score terms between visits (every term, with the threshold at 0) gives the
+    same permutations and objective history as recomputing them all."""
+    model, spec, _ = setup(name)
+    other = reinit(model, seed=21)
+    runs = []
+    for threshold in (float("inf"), 0):
+        monkeypatch.setattr(sys.modules["torchmerge.align"], "_KEEP_MIN_FLOPS", threshold)
+        runs.append(tm.align(model, other, spec, seed=3, return_result=True))
+    assert perms_equal(runs[0].perms, runs[1].perms)
+    assert runs[0].objective == pytest.approx(runs[1].objective, rel=1e-6)
+    assert runs[0].sweeps == runs[1].sweeps
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet_bottleneck", "vit", "resnext", "densenet",
+                                  "tied_lm", "mlp_mixer"])
+def test_kept_terms_track_moving_permutations(name, monkeypatch):
+    """Kept score terms, updated column by column as other groups move a few elements or all of
+    them, equal the terms computed from scratch."""
+    model, spec, _ = setup(name)
+    align_module = sys.modules["torchmerge.align"]
+    ref, oth = align_module._shared_states(model, reinit(model, seed=5), spec, None)
+    matcher = align_module._Matcher(spec, ref, oth, {})
+    groups = [g for g in spec.groups if matcher.members[g]]
+    gen = torch.Generator().manual_seed(0)
+    perms = spec.identity_perms()
+    for step in range(40):
+        moved = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+        size = len(perms[moved])
+        count = size if step % 7 == 0 else min(size, 2 + step % 3)
+        chosen = torch.randperm(size, generator=gen)[:count]
+        new = perms[moved].clone()
+        new[chosen] = new[chosen[torch.randperm(count, generator=gen)]]
+        perms[moved] = new
+        g = groups[int(torch.randint(len(groups), (1,), generator=gen))]
+        monkeypatch.setattr(align_module, "_KEEP_MIN_FLOPS", float("inf"))
+        fresh = matcher.score(g, perms)
+        monkeypatch.setattr(align_module, "_KEEP_MIN_FLOPS", 0)
+        kept = matcher.score(g, perms)
+        assert torch.allclose(kept, fresh, rtol=1e-5, atol=1e-5 * float(fresh.abs().max())), (step, g)
+    assert matcher._kept, "no term was kept: the test exercised nothing"
 
 
 @pytest.mark.parametrize("method", METHODS)

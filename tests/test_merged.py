@@ -35,7 +35,9 @@ def _experts(case, n=2):
         other = copy.deepcopy(base)
         with torch.no_grad():
             gen = torch.Generator().manual_seed(i)
-            for t in list(other.parameters()) + [b for b in other.buffers() if b.is_floating_point()]:
+            buffers = [b for n, b in other.named_buffers() if b.is_floating_point()
+                       and not n.endswith("mask")]  # causal masks are structural
+            for t in list(other.parameters()) + buffers:
                 t.add_(0.1 * torch.randn(t.shape, generator=gen)).abs_() if t.dim() == 1 and \
                     t.min() > 0 else t.add_(0.1 * torch.randn(t.shape, generator=gen))
         out.append(other)
@@ -74,6 +76,13 @@ def test_merged_model_invariants(case):
             exported = merged.export(task=t).eval()
             assert not any(isinstance(m, (tm.TaskAffine, tm.TaskHeads)) for m in exported.modules())
             assert _close(exported(*x), merged(*x, task=t))
+            if any(isinstance(m, tm.ChannelAffine) for m in exported.modules()):
+                with pytest.raises(tm.TorchMergeError, match="follow no foldable layer"):
+                    merged.export(task=t, like=experts[t])
+            else:  # the same model as an instance of the expert's own class
+                own = merged.export(task=t, like=experts[t]).eval()
+                assert type(own) is type(experts[t]) and own is not experts[t]
+                assert _close(own(*x), merged(*x, task=t))
         x6, ids = _inputs(case, batch=6), torch.tensor([1, 0, 0, 1, 1, 0])
         mixed = merged(*x6, task=ids)
         for t in range(2):
@@ -103,6 +112,28 @@ def test_exported_folds_conv_bn_chain():
     assert not any(isinstance(m, tm.ChannelAffine) for m in exported.modules())
     assert sum(p.numel() for p in exported.parameters()) == \
         sum(p.numel() for p in BY_NAME["resnet_basic"].make_model().parameters())
+
+
+def test_export_like_expert_adds_folded_biases_and_checks_shapes():
+    """export(like=expert): the expert's own class; a shift folded into a bias-free conv becomes a
+    new bias of the copy; an expert with another head size or a non-module is refused."""
+    def net(classes, seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, classes)).eval()
+    experts = [net(3, 0), net(5, 1)]
+    merged = tm.merge(experts, example_inputs=(torch.randn(2, 3, 6, 6),), method="average",
+                      align=None, correction=None).eval()
+    _randomize_sites(merged)
+    x = torch.randn(4, 3, 6, 6)
+    own = merged.export(task=1, like=experts[1])
+    assert isinstance(own, nn.Sequential) and own[0].bias is not None and experts[1][0].bias is None
+    with torch.no_grad():
+        assert _close(own(x), merged(x, task=1))
+    with pytest.raises(tm.TorchMergeError, match=r"'3.weight' \(5, 64\) has no counterpart .*shape \(3, 64\)"):
+        merged.export(task=1, like=experts[0])
+    with pytest.raises(tm.TorchMergeError, match="takes an expert module"):
+        merged.export(task=0, like=experts[0].state_dict())
 
 
 def test_fold_affine_keeps_function():

@@ -4,7 +4,8 @@ Both methods maximise a sum of per-group linear objectives by coordinate ascent:
 in a seeded random order, build the group's score matrix ``A[i, j]`` (how well element ``i`` of the
 reference matches element ``j`` of the other model, with every other group's current permutation
 applied) and solve the linear assignment problem. A group whose neighbours did not change since
-its last solve is skipped: its answer would be the same. Task heads never take part.
+its last solve is skipped: its answer would be the same. Expensive score terms are kept between
+visits and updated only in the columns whose permutation moved. Task heads never take part.
 
 >>> import torch, torchmerge as tm
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -16,8 +17,10 @@ True
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -25,6 +28,17 @@ from torch import nn
 
 from .errors import TorchMergeError
 from .spec import PermutationSpec, _names
+
+
+_KEEP_MIN_FLOPS = 2**28  # score terms at least this costly (and no larger than their operands) are kept
+
+
+class _Kept(NamedTuple):
+    """A kept score term: the permutations its rows were gathered by, its column index, Rg·Ogᵀ."""
+
+    rows_by: tuple
+    index: torch.Tensor
+    term: torch.Tensor
 
 
 @dataclass
@@ -126,6 +140,8 @@ class _Matcher:
                     self.members[g].append((p, a, e))
         self.neighbors = {g: {h for p, _, _ in m for _, e in self.axes_of[p] for h in _names(e)}
                           for g, m in self.members.items()}
+        # expensive score terms kept between visits (see _kept_term)
+        self._kept: dict = {}
         # a group on two axes of one tensor makes its objective quadratic: check true gains
         self.quadratic = {g for g, m in self.members.items()
                           if any(sum(_names(e).count(g) for _, e in self.axes_of[p]) > 1 for p, _, _ in m)}
@@ -219,6 +235,11 @@ class _Matcher:
         free = {**perms, g: torch.arange(n)}
         total = None
         for p, a, e in self.members[g]:
+            if not invariant:
+                part = self._kept_term(g, p, a, e, perms, free)
+                if part is not None:
+                    total = part.clone() if total is None else total.add_(part)
+                    continue
             r, o = self.ref[p], self._permuted_other_axes(p, a, perms)
             rg = _rows(r, a, self.spec.positions(e, g, {}))
             og = _rows(o, a, self.spec.positions(e, g, free))
@@ -231,6 +252,48 @@ class _Matcher:
                 rg, og = rg.float(), og.float()
                 total = rg @ og.T if total is None else total.addmm_(rg, og.T)
         return total.double()
+
+    def _kept_term(self, g, p, a, e, perms, free):
+        """Member p's score term for group g, kept between visits when it is expensive (a Linear
+        after flatten: 4096 × 25088 in VGG-16) and no larger than its operands; None for cheap
+        members. The term is Rg · Ogᵀ with Og's columns gathered by the other axes'
+        permutations: when some of those moved, only the changed columns C are redone,
+        T += Rg[:, C] · (Og_new[:, C] − Og_old[:, C])ᵀ — the same matrix as recomputing it."""
+        n, t = self.spec.groups[g].size, self.oth[p]
+        own = self.spec.positions(e, g, free)  # the other model's rows, in g's free order
+        width = own.shape[1] * (t.numel() // t.shape[a])
+        if width < n or n * n * width < _KEEP_MIN_FLOPS:
+            return None
+        rows_by = tuple(perms[h] for h in sorted(set(_names(e)) - {g}))  # who orders those rows
+        index = self._column_index(p, a, perms, width)
+        kept = self._kept.get((g, p, a))
+        if kept is not None and all(x is y for x, y in zip(kept.rows_by, rows_by)):
+            changed = (index != kept.index).nonzero().squeeze(1)
+            if changed.numel() <= width // 2:
+                if changed.numel():
+                    delta = _columns(t, a, own, index[changed]) - _columns(t, a, own, kept.index[changed])
+                    ref = _columns(self.ref[p], a, self.spec.positions(e, g, {}), changed)
+                    kept.term.addmm_(ref.float(), delta.float().T)
+                self._kept[(g, p, a)] = _Kept(rows_by, index, kept.term)
+                return kept.term
+        rg = _rows(self.ref[p], a, self.spec.positions(e, g, {})).float()
+        og = _rows(self._permuted_other_axes(p, a, perms), a, own).float()
+        term = rg @ og.T
+        self._kept[(g, p, a)] = _Kept(rows_by, index, term)
+        return term
+
+    def _column_index(self, p: str, axis: int, perms: dict, width: int) -> torch.Tensor:
+        """Flat index of ``_rows(permuted other, axis, ...)``'s columns into the unpermuted
+        tensor's: the other axes' index vectors combined, repeated for each block of the axis."""
+        t = self.oth[p]
+        exprs = dict(self.axes_of[p])
+        index = torch.zeros(1, dtype=torch.long)
+        for b in range(t.dim()):
+            if b != axis:
+                ib = self.spec.index(exprs[b], perms) if b in exprs else torch.arange(t.shape[b])
+                index = (index[:, None] * t.shape[b] + ib[None, :]).reshape(-1)
+        rest = index.numel()
+        return (torch.arange(width // rest)[:, None] * rest + index[None, :]).reshape(-1)
 
     def _permuted_other_axes(self, p: str, axis: int, perms: dict) -> torch.Tensor:
         t = self.oth[p]
@@ -265,6 +328,16 @@ def _rows(t: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
     """[group size, everything else]: the slices of ``t`` each group element owns."""
     n = positions.shape[0]
     return _take(t.movedim(axis, 0), 0, positions.reshape(-1)).reshape(n, -1)
+
+
+def _columns(t: torch.Tensor, axis: int, positions: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``_rows(t, axis, positions)[:, cols]``, gathered without building the whole matrix."""
+    moved = t.movedim(axis, 0)
+    rest = moved.shape[1:]
+    block, within = cols // max(1, math.prod(rest)), cols % max(1, math.prod(rest))
+    rows = positions.to(t.device)[:, block.to(t.device)]
+    inner = torch.unravel_index(within.to(t.device), rest) if rest else ()
+    return moved[(rows,) + tuple(i[None, :] for i in inner)]
 
 
 def _take(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:

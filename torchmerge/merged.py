@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import TorchMergeError
 from .modules import TaskAffine, TaskHeads, check_task_ids
-from .rewrite import export_graph
+from .rewrite import export_graph, into_module
 
 
 def _forget_applied(module, incompatible_keys) -> None:
@@ -135,11 +135,17 @@ class MergedModel(nn.Module):
         for m in list(self.sites().values()) + list(self.heads().values()):
             yield from m.parameters()
 
-    def export(self, task=None) -> nn.Module:
-        """A plain module for one task: heads chosen, affines folded, no task argument."""
+    def export(self, task=None, like: nn.Module | None = None) -> nn.Module:
+        """A plain module for one task: heads chosen, affines folded, no task argument.
+
+        A ``GraphModule``; with ``like=expert`` (the task's expert, or any model of that
+        architecture and head size), a copy of it with the merged weights instead: the user's own
+        class, eager code, same function (every affine must fold into a layer).
+        """
         t = self.active_task if task is None else self.task_index(task)
         self._apply_weights(t)
-        return export_graph(self.body, t)
+        graph = export_graph(self.body, t)
+        return graph if like is None else into_module(graph, like)
 
     def extra_repr(self) -> str:
         sites = ", ".join(self.sites())

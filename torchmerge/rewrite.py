@@ -3,7 +3,8 @@
 * :func:`build_graph` — trace a template expert, load the merged weights, add a ``task`` input,
   replace each head by a :class:`TaskHeads` and insert a :class:`TaskAffine` at every site.
 * :func:`export_graph` — one task's plain graph: heads picked, affines folded into the layer that
-  produces their input (Linear, Conv, BatchNorm, LayerNorm, GroupNorm), the ``task`` input removed.
+  produces their input (Linear, Conv, BatchNorm, LayerNorm, GroupNorm), the ``task`` input removed;
+  :func:`into_module` carries it into a copy of an expert, an instance of the user's own class.
 
 Sites: ``"layer"`` (default) — after each Linear/Conv, or after the norm that directly follows it,
 before the activation; ``"block"`` — after each residual add; or a callable
@@ -195,6 +196,55 @@ def export_graph(gm: fx.GraphModule, task: int) -> fx.GraphModule:
     out.graph.lint()
     out.recompile()
     return out
+
+
+def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
+    """A deep copy of ``like`` (an expert: the user's own class) carrying ``graph``'s parameters
+    and buffers, which share its names; on ``graph``'s device and floating dtype, in its mode.
+
+    Needs every affine folded (no :class:`ChannelAffine` left) and matching shapes; a bias that
+    folding added to a bias-free Linear/Conv is added to the copy too. Tensors the graph does not
+    hold (buffers fx turned into constants, e.g. a causal mask) keep ``like``'s values.
+    """
+    if not isinstance(like, nn.Module):
+        raise TorchMergeError(f"export(like=...) takes an expert module, got {type(like).__name__}")
+    left = [n.target for n in graph.graph.nodes if n.op == "call_module"
+            and isinstance(graph.get_submodule(n.target), ChannelAffine)]
+    if left:
+        raise TorchMergeError(f"export(like=...): the affines at {left[:3]} follow no foldable layer "
+                              "(e.g. sites after a residual add), so no module of the expert's own "
+                              "class computes this model; use export() without like= (a GraphModule)")
+    out = copy.deepcopy(like)
+    first = next((v for v in graph.state_dict().values() if v.is_floating_point()), None)
+    if first is not None:
+        out.to(device=first.device, dtype=first.dtype)
+    theirs = out.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in graph.state_dict().items():
+            mine = theirs.get(name)
+            if mine is None and name.startswith("_tensor_constant"):
+                continue  # a constant fx lifted out of the forward code: the class computes it
+            if mine is not None and mine.shape == value.shape:
+                mine.copy_(value)
+                continue
+            path, _, attr = name.rpartition(".")
+            owner = out.get_submodule(path) if mine is None and _has_module(out, path) else None
+            if owner is not None and attr == "bias" and getattr(owner, "bias", 0) is None:
+                owner.bias = nn.Parameter(value.clone())  # added by folding a shift
+                continue
+            got = "missing" if mine is None else f"shape {tuple(mine.shape)}"
+            raise TorchMergeError(f"export(like=...): merged tensor {name!r} {tuple(value.shape)} has "
+                                  f"no counterpart in {type(like).__name__} ({got}); pass the expert "
+                                  "of the exported task (its head sizes) or export without like=")
+    return out.train(graph.training)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
