@@ -48,9 +48,9 @@ def _broadcast_rows(table: torch.Tensor, task, ndim: int, axis: int) -> torch.Te
 class TaskAffine(nn.Module):
     """Per-task, per-channel ``y = scale[t] · x + shift[t]``; parameters are ``[T, C]``.
 
-    A site right after a BatchNorm owns that norm's call (``absorb_norm``): with one task for the
-    batch and the norm in eval mode, norm and affine run as ONE ``batch_norm`` with composed
-    weights — no extra pass over the activation. ``observe`` (an identity) sees the tensor the
+    A site right after a BatchNorm owns that norm's call (``absorb_norm``): with the norm in eval
+    mode, norm and affine run as ONE pass with composed weights — a ``batch_norm`` for one task,
+    an ``addcmul`` with per-sample rows for a mixed batch — no extra pass over the activation. ``observe`` (an identity) sees the tensor the
     affine acts on, for hooks; ``fuse = False`` forces the two-step path (calibration uses it).
     """
 
@@ -73,8 +73,8 @@ class TaskAffine(nn.Module):
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
         norm = self._norm
         if norm is not None:
-            if self.fuse and isinstance(task, int) and not norm.training:
-                return self._fused(x, norm, task)
+            if self.fuse and not norm.training:
+                return self._fused(x, norm, task) if isinstance(task, int) else self._fused_rows(x, norm, task)
             x = norm(x)
         x = self.observe(x)
         if x.shape[self.channel_axis] != self.scale.shape[1]:
@@ -90,6 +90,17 @@ class TaskAffine(nn.Module):
         weight = scale if norm.weight is None else norm.weight * scale
         bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
         return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, False, 0.0, norm.eps)
+
+    def _fused_rows(self, x, norm, task):
+        """One task per sample: the eval BatchNorm folded into every task's row of the affine,
+        rows gathered per sample, one ``addcmul`` pass (instead of the norm's pass and the affine's)."""
+        a = torch.rsqrt(norm.running_var + norm.eps)
+        a = a if norm.weight is None else norm.weight * a
+        b = -norm.running_mean * a
+        b = b if norm.bias is None else b + norm.bias
+        scale, shift = self.scale * a, torch.addcmul(self.shift, self.scale, b)  # [T, C]
+        return torch.addcmul(_broadcast_rows(shift, task, x.dim(), self.channel_axis), x,
+                             _broadcast_rows(scale, task, x.dim(), self.channel_axis))
 
     def set_identity(self) -> None:
         with torch.no_grad():
