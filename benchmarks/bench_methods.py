@@ -15,8 +15,8 @@ own. The model is a small ViT-style transformer state dict (dim 384, MLP 1536, 6
   per-key temporaries, masks).
 
 Each method runs twice: with glibc's default malloc, and with ``MALLOC_MMAP_THRESHOLD_=131072``
-(freed tensors return to the OS at once, so RSS follows live tensor bytes; the target is checked
-on this second run). Before measuring, each worker makes one small BLAS and LAPACK call, so the
+and ``MKL_DISABLE_FAST_MM=1`` (freed tensors return to the OS at once and MKL keeps no buffer
+pool, so RSS follows live tensor bytes; the target is checked on this second run). Before measuring, each worker makes one small BLAS and LAPACK call, so the
 libraries' one-time per-thread work buffers are not counted as the merge's memory.
 
 Prints a table and writes ``benchmarks/results/methods.json``.
@@ -41,7 +41,7 @@ METHODS = ["average", "task_arithmetic", "ties", "dare", "tall", "consensus", "r
 DIM, MLP, BLOCKS = 384, 1536, 6
 # glibc's dynamic mmap threshold keeps freed large blocks in the heap; a fixed threshold makes RSS
 # follow the live tensors, which is what the algorithm controls
-ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+ALLOCATORS = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072", "MKL_DISABLE_FAST_MM": "1"}}
 
 
 def rss_bytes() -> int:
@@ -181,8 +181,8 @@ def main() -> None:
               f"{r['extra_copies_default']:>8.2f}{r['peak_copies_mmap']:>8.2f}"
               f"{r['extra_copies_mmap']:>8.2f}{side:>11.2f}{r['mask_mb']:>10.2f}  {ok}")
     print("peak/extra: default glibc malloc (freed per-key temporaries stay cached in the heap);\n"
-          "peak*/extra*: MALLOC_MMAP_THRESHOLD_=131072, so freed tensors go back to the OS and the"
-          " RSS tracks live tensor bytes.")
+          "peak*/extra*: MALLOC_MMAP_THRESHOLD_=131072 and MKL_DISABLE_FAST_MM=1, so freed tensors go"
+          " back to the OS and the RSS tracks live tensor bytes.")
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     payload = {"tasks": args.tasks, "base": with_base, "target_peak_copies": target,

@@ -373,6 +373,16 @@ def test_regmean_dead_inputs_take_the_average():
     torch.testing.assert_close(w, torch.tensor([[(2 * 1 + 3) / 3, 6.0]]))
 
 
+def test_mats_row_blocks_match_regmean_on_tall_weights():
+    """Weights with more rows than one CG block: every block converges to RegMean's rows."""
+    g = torch.Generator().manual_seed(3)
+    experts = [{"w": torch.randn(150, 12, generator=g)} for _ in range(3)]
+    grams = [{"w": random_gram(g, 12)} for _ in range(3)]
+    m = mats(experts, grams, tol=1e-12)
+    torch.testing.assert_close(m.state["w"], regmean(experts, grams).state["w"], atol=1e-5, rtol=1e-5)
+    assert 1 <= m.info["cg_iterations"]["w"] <= 100
+
+
 def test_regmean_not_positive_definite_falls_back_to_lu_or_says_singular():
     """Cholesky refuses a Σ G that is not positive definite: an invertible one is solved by LU
     (same formula), an exactly singular one (α = 1, rank-deficient data) is a clear error."""
