@@ -447,7 +447,7 @@ def _layers(model, x, head_params):
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a hook to end a forward pass once the wanted activation is in hand."""
 
 
 def _grab(model, path, x, where):
@@ -462,10 +462,8 @@ def _grab(model, path, x, where):
     h = (mod.register_forward_pre_hook(lambda _m, a: keep(a)) if where == "input"
          else mod.register_forward_hook(lambda _m, _a, o: keep(o)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(_Stop):  # the hook ends the pass early
             model(x.to(_device(model)))
-    except _Stop:
-        pass
     finally:
         h.remove()
     if not box:
