@@ -87,12 +87,12 @@ RATIOS = {"fx": "expert_fx", "merged": "merged", "mixed": "merged_mixed", "expor
           "exported_like": "exported_like"}
 
 
-def inference(device, repeats, batches=1, batch=128):
+def inference(device, repeats, batch=128):
     rows = []
     for width in (1, 4):
         experts = _experts(width, 2, device)
-        x = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(batches)]
-        merged = tm.merge(experts, method="average", example_inputs=x[0], align=None,
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        merged = tm.merge(experts, method="average", example_inputs=x, align=None,
                           correction=None).eval()
         with torch.no_grad():
             for site in merged.sites().values():  # non-identity affines: the real work
@@ -106,7 +106,7 @@ def inference(device, repeats, batches=1, batch=128):
         def run(model, **kw):
             def go():  # one batch per call: short rounds, so a noisy neighbour hits few of them
                 with torch.no_grad():
-                    model(x[0], **kw)
+                    model(x, **kw)
             return go
         traced = torch.fx.symbolic_trace(experts[1])  # the expert as an fx graph, nothing else
         t = _alternate({"expert": run(experts[1]), "expert_fx": run(traced), "merged": run(merged),

@@ -7,7 +7,8 @@
 - ``vgg16_bn()``: VGG-16 with BatchNorm, flatten into a 3-layer linear classifier; 138,365,992
   parameters.
 
-All take ``[B, 3, 224, 224]`` inputs and return ``[B, num_classes]`` logits.
+All take ``[B, 3, 224, 224]`` inputs and return ``[B, num_classes]`` logits; ``ResNet20(width)``
+(CIFAR ResNet-20, ``[B, 3, 32, 32]`` inputs) is the merged-model and statistics benchmarks' model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from torch import nn
 
 
 # --------------------------------------------------------------------------- ResNet-50
+
+def projection(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """The 1x1 conv + BatchNorm shortcut of a residual block that changes shape; None otherwise."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -32,11 +40,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
+        self.downsample = projection(in_ch, out_ch, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -198,19 +202,20 @@ def num_params(model: nn.Module) -> int:
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers and a residual (projected when the shape changes)."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = projection(cin, cout, stride)
 
     def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
         y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        return F.relu(self.bn2(self.conv2(y)) + identity)
 
 
 class ResNet20(nn.Module):

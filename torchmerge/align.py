@@ -334,7 +334,8 @@ def _columns(t: torch.Tensor, axis: int, positions: torch.Tensor, cols: torch.Te
     """``_rows(t, axis, positions)[:, cols]``, gathered without building the whole matrix."""
     moved = t.movedim(axis, 0)
     rest = moved.shape[1:]
-    block, within = cols // max(1, math.prod(rest)), cols % max(1, math.prod(rest))
+    size = math.prod(rest)  # 1 for a 1-D tensor
+    block, within = cols // size, cols % size
     rows = positions.to(t.device)[:, block.to(t.device)]
     inner = torch.unravel_index(within.to(t.device), rest) if rest else ()
     return moved[(rows,) + tuple(i[None, :] for i in inner)]

@@ -142,7 +142,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> floa
         # same value from feature space, tr(HKHL) = ‖Y_cᵀX_c‖²: O(n·d²) instead of O(n²·d)
         x, y = x - x.mean(0), y - y.mean(0)
         cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-        return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)).clamp_min(1e-30))
+        norms = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+        return float(cross / norms.clamp_min(1e-30))
     k, l = x @ x.T, y @ y.T
     hsic = hsic_unbiased if debiased else hsic_biased
     return float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)).clamp_min(1e-30))

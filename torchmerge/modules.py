@@ -49,9 +49,10 @@ class TaskAffine(nn.Module):
     """Per-task, per-channel ``y = scale[t] · x + shift[t]``; parameters are ``[T, C]``.
 
     A site right after a BatchNorm owns that norm's call (``absorb_norm``): with the norm in eval
-    mode, norm and affine run as ONE pass with composed weights — a ``batch_norm`` for one task,
-    an ``addcmul`` with per-sample rows for a mixed batch — no extra pass over the activation. ``observe`` (an identity) sees the tensor the
-    affine acts on, for hooks; ``fuse = False`` forces the two-step path (calibration uses it).
+    mode, norm and affine run as ONE pass with composed weights — ``F.batch_norm`` for one task
+    (its kernel beats a broadcast ``addcmul`` on small maps), an ``addcmul`` with per-sample rows
+    for a mixed batch. ``observe`` (an identity) sees the tensor the affine acts on, for hooks;
+    ``fuse = False`` forces the two-step path (calibration uses it).
     """
 
     def __init__(self, num_tasks: int, channels: int, channel_axis: int = 1, dtype=None, device=None):
@@ -74,7 +75,8 @@ class TaskAffine(nn.Module):
         norm = self._norm
         if norm is not None:
             if self.fuse and not norm.training:
-                return self._fused(x, norm, task) if isinstance(task, int) else self._fused_rows(x, norm, task)
+                fused = self._fused if isinstance(task, int) else self._fused_rows
+                return fused(x, norm, task)
             x = norm(x)
         x = self.observe(x)
         if x.shape[self.channel_axis] != self.scale.shape[1]:

@@ -171,7 +171,12 @@ def _absorbable(gm, node, norm) -> bool:
     """A BatchNorm with running statistics, called once, on one tensor, with no other users."""
     return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats \
         and len(node.args) == 1 and not node.kwargs and len(node.users) == 1 \
-        and sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
+        and _calls(gm, node.target) == 1
+
+
+def _calls(gm: fx.GraphModule, target: str) -> int:
+    """How many times the graph calls the module at ``target``."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
                 mine.copy_(value)
                 continue
             path, _, attr = name.rpartition(".")
-            owner = out.get_submodule(path) if mine is None and _has_module(out, path) else None
+            owner = _submodule(out, path) if mine is None else None
             if owner is not None and attr == "bias" and getattr(owner, "bias", 0) is None:
                 owner.bias = nn.Parameter(value.clone())  # added by folding a shift
                 continue
@@ -239,12 +244,11 @@ def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
     return out.train(graph.training)
 
 
-def _has_module(model: nn.Module, path: str) -> bool:
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
     try:
-        model.get_submodule(path)
-        return True
+        return model.get_submodule(path)
     except AttributeError:
-        return False
+        return None
 
 
 def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
@@ -255,8 +259,7 @@ def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
         node.args = (src,) + node.args[1:]
     src = node.args[0]
     layer = modules.get(src.target) if src.op == "call_module" else None
-    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) \
-        if src.op == "call_module" else 0
+    calls = _calls(gm, src.target) if src.op == "call_module" else 0
     if len(src.users) == 1 and calls == 1 and not _shares_params(gm, layer) \
             and fold_affine(layer, scale, shift):
         node.replace_all_uses_with(src)
