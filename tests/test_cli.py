@@ -84,3 +84,21 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "torchmerge.cli", "demo", "--help"], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0 and "--quick" in done.stdout and "--retrain" in done.stdout
+
+
+@pytest.mark.slow
+def test_demo_training_is_deterministic(tmp_path):
+    """Same seed, same experts, whatever the global RNG state before (heads are seeded too)."""
+    pytest.importorskip("sklearn")
+    import torch
+
+    from torchmerge import demo
+
+    states = []
+    for run, noise in enumerate((1, 2)):
+        torch.manual_seed(noise)  # a different global RNG state before each build
+        cfg = demo.DemoConfig.quick_config(out=str(tmp_path / f"run{run}"), retrain=True)
+        setting = demo.build_setting(cfg, log=lambda *a: None)
+        states.append([e.state_dict() for e in setting.experts])
+    for a, b in zip(*states):
+        assert all(torch.equal(a[k], b[k]) for k in a)

