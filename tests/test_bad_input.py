@@ -142,11 +142,22 @@ def test_non_module_rejected(model, inputs):
     "x",
     None,
     (X, "y"),
-    {"x": X},
-], ids=["nested-list", "string", "none", "tuple-with-str", "dict"])
+    {"x": [X]},
+], ids=["nested-list", "string", "none", "tuple-with-str", "dict-of-list"])
 def test_non_tensor_input_rejected(inputs):
     with pytest.raises(tm.ShapeError, match=r"expected a torch\.Tensor"):
         tm.discover(mlp(), inputs)
+
+
+def test_dict_of_keyword_inputs_accepted():
+    """A dict is the forward's keyword arguments (the Hugging Face convention)."""
+    model = mlp()
+    assert tm.discover(model, {"x": X}).groups.keys() == tm.discover(model, X).groups.keys()
+
+
+def test_dict_with_unknown_keys_lists_forward_parameters():
+    with pytest.raises(tm.ShapeError, match=r"forward\(x\)"):
+        tm.discover(mlp(), {"pixel_values": X})
 
 
 def test_permute_non_module_rejected():

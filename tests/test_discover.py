@@ -242,11 +242,15 @@ def test_model_copy_is_equivalent_to_original():
     assert_state_equal(snapshot(model), snapshot(copy.deepcopy(model)), "deepcopy")
 
 
-def test_mha_internals_reported_frozen():
-    """nn.MultiheadAttention stays opaque: its head structure is reported, its embedding axis and
-    out_proj output still join the residual stream."""
+def test_mha_internals_discovered():
+    """nn.MultiheadAttention (opaque to symbolic tracing) is captured by torch.export: heads and
+    within-head dims permute, only the packed q/k/v index is frozen (and reported); its embedding
+    axis and out_proj output join the residual stream."""
     model, spec = discovered(BY_NAME["mha_block"])
-    assert any(f.module_path == "mha" for f in notable_frozen(spec)), spec
+    frozen = [f for f in notable_frozen(spec) if f.module_path == "mha"]
+    assert frozen and all(f.size == 3 for f in frozen), spec
+    heads = [g for g in spec.groups.values() if ("mha.out_proj.weight", 1) in g.members]
+    assert sorted(g.size for g in heads) == [2, 8], spec
     stream = next(g for g in spec.groups.values() if g.size == 16)
     names = {m for m in stream.members}
     assert ("mha.in_proj_weight", 1) in names and ("mha.out_proj.weight", 0) in names, stream.members

@@ -34,8 +34,13 @@ def test_doc_blocks_run(name, monkeypatch, tmp_path):
             exec(compiled, namespace)  # noqa: S102 - the docs' own examples
 
 
+# examples with their own test (a --quick run): tests/test_example_hf_vit.py
+OWN_TEST = {"hf_vit_mnist.py"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.py")
+                                          if p.name not in OWN_TEST))
 def test_examples_run(script, tmp_path):
     pytest.importorskip("sklearn")  # the examples train on scikit-learn's bundled digits
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))

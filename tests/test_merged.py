@@ -14,17 +14,12 @@ import torch
 from torch import nn
 
 import torchmerge as tm
-from architectures import BY_NAME, CASES, SAFETY_ONLY, randomize_
+from merge_helpers import TABLE, check_mixed_batch, plain_average as _plain_merge
+from merge_helpers import inputs_of as _inputs, randomize_sites as _randomize_sites
+from architectures import BY_NAME, randomize_
 
 # heads that auto-detection cannot place (the head is a bare parameter, or the output is the
 # residual stream itself): covered by the bad-input tests below instead
-NO_AUTO_HEADS = {"functional_params", "stream_output"}
-TABLE = [c for c in CASES + SAFETY_ONLY if c.name not in NO_AUTO_HEADS]
-
-
-def _inputs(case, batch=4, seed=0):
-    x = case.make_input(batch, seed)
-    return x if isinstance(x, tuple) else (x,)
 
 
 def _experts(case, n=2):
@@ -48,14 +43,6 @@ def _merged(case, experts=None, **kw):
     experts = experts or _experts(case)
     kw = {"method": "average", "align": None, "correction": None, **kw}
     return tm.merge(experts, example_inputs=_inputs(case), **kw).eval(), experts
-
-
-def _randomize_sites(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for site in model.sites().values():
-            site.scale.copy_(0.5 + torch.rand(site.scale.shape, generator=gen))
-            site.shift.copy_(torch.randn(site.shift.shape, generator=gen))
 
 
 def _close(a, b, atol=1e-5):
@@ -83,25 +70,7 @@ def test_merged_model_invariants(case):
                 own = merged.export(task=t, like=experts[t]).eval()
                 assert type(own) is type(experts[t]) and own is not experts[t]
                 assert _close(own(*x), merged(*x, task=t))
-        x6, ids = _inputs(case, batch=6), torch.tensor([1, 0, 0, 1, 1, 0])
-        mixed = merged(*x6, task=ids)
-        for t in range(2):
-            rows = (ids == t).nonzero().squeeze(1)
-            single = merged(*[v[rows] for v in x6], task=t)
-            got = [m[rows] for m in mixed] if isinstance(mixed, tuple) else mixed[rows]
-            assert _close(got, single)
-
-
-def _plain_merge(merged, experts, task):
-    """The average of the experts, written into a copy of expert ``task`` (its own head kept)."""
-    heads = [h.removeprefix("body.") for h in merged.heads()]
-    own = experts[task].state_dict()
-    state = {k: own[k] if any(k.startswith(h + ".") for h in heads) or not v.is_floating_point()
-             else sum(e.state_dict()[k] for e in experts) / len(experts)
-             for k, v in own.items()}
-    plain = copy.deepcopy(experts[task]).eval()
-    plain.load_state_dict(state)
-    return plain
+        check_mixed_batch(merged, case, _close)
 
 
 def test_exported_folds_conv_bn_chain():

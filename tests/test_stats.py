@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torchmerge.errors import TorchMergeError
-from torchmerge.stats import INPUT_KEYS, Gram, Moments, collect, collect_paired, iter_inputs
+from torchmerge.batches import Inputs
+from torchmerge.stats import Gram, Moments, collect, collect_paired, iter_calls
 
 HYP = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -221,24 +222,28 @@ def test_stat_errors():
 
 # ---------------------------------------------------------------- batch formats
 x0 = torch.arange(6.0).view(2, 3)
-GOOD = [
-    ("tensor", x0),
-    ("tuple", (x0, torch.tensor([0, 1]))),
-    ("list", [x0, torch.tensor([0, 1])]),
-    *[(f"dict[{k}]", {k: x0, "label": 1}) for k in INPUT_KEYS],
-    ("dict order", {"input_ids": -x0, "x": x0}),
+GOOD = [  # (label, batch, expected Inputs)
+    ("tensor", x0, Inputs((x0,), {})),
+    ("tuple", (x0, torch.tensor([0, 1])), Inputs((x0,), {})),
+    ("list", [x0, torch.tensor([0, 1])], Inputs((x0,), {})),
+    ("dict", {"pixel_values": x0}, Inputs((), {"pixel_values": x0})),
+    ("dict with labels", {"input_ids": x0, "attention_mask": -x0, "labels": 1},
+     Inputs((), {"input_ids": x0, "attention_mask": -x0})),
+    ("(dict, y)", ({"x": x0}, torch.tensor([0, 1])), Inputs((), {"x": x0})),
 ]
 
 
-@pytest.mark.parametrize("label,batch", GOOD, ids=[g[0] for g in GOOD])
-def test_batch_formats(label, batch):
-    (got,) = list(iter_inputs([batch], device="cpu"))
-    assert torch.equal(got, x0)
+@pytest.mark.parametrize("label,batch,want", GOOD, ids=[g[0] for g in GOOD])
+def test_batch_formats(label, batch, want):
+    (got,) = list(iter_calls([batch], device="cpu"))
+    assert len(got.args) == len(want.args) and all(torch.equal(a, b) for a, b in zip(got.args, want.args))
+    assert got.kwargs.keys() == want.kwargs.keys()
+    assert all(torch.equal(got.kwargs[k], want.kwargs[k]) for k in want.kwargs)
 
 
 BAD = [
     ("int", 3, "int"),
-    ("dict without input", {"image": x0, "label": 1}, r"\['image', 'label'\]"),
+    ("dict of labels only", {"labels": x0, "label": 1}, r"only labels"),
     ("empty tuple", (), "tuple"),
     ("tuple of str", ("a", x0), "str"),
     ("none", None, "NoneType"),
@@ -248,15 +253,31 @@ BAD = [
 @pytest.mark.parametrize("label,batch,msg", BAD, ids=[b[0] for b in BAD])
 def test_bad_batches_raise(label, batch, msg):
     with pytest.raises(TorchMergeError, match=msg):
-        list(iter_inputs([x0, batch]))
+        list(iter_calls([x0, batch]))
 
 
-def test_iter_inputs_single_batch_and_max_batches():
-    assert len(list(iter_inputs(x0))) == 1  # a bare Tensor is one batch, not its rows
-    assert len(list(iter_inputs({"x": x0}))) == 1
-    assert len(list(iter_inputs([x0] * 10, max_batches=3))) == 3
+def test_iter_calls_single_batch_and_max_batches():
+    assert len(list(iter_calls(x0))) == 1  # a bare Tensor is one batch, not its rows
+    assert len(list(iter_calls({"x": x0}))) == 1
+    assert len(list(iter_calls([x0] * 10, max_batches=3))) == 3
     with pytest.raises(TorchMergeError, match="iterable"):
-        list(iter_inputs(5))
+        list(iter_calls(5))
+    with pytest.raises(TorchMergeError, match="max_batches"):
+        list(iter_calls([x0], max_batches=0))
+
+
+def test_dict_batches_reach_the_forward_as_keywords():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, features, scale=1.0):
+            return self.fc(features) * scale
+
+    net = Net()
+    stats = collect(net, ["fc"], [{"features": x0, "labels": torch.tensor([0, 1])}] * 2)
+    assert stats["fc"].count == 4
 
 
 # ---------------------------------------------------------------- collect

@@ -7,11 +7,13 @@
 >>> torch.allclose(twin(torch.ones(1, 4)), net(torch.ones(1, 4)), atol=1e-6)
 True
 """
-from . import analysis, methods
+from . import analysis, io, manifest, methods
 from .align import AlignResult, align, align_many
 from .correct import calibrate
 from .discover import discover, verify_spec
-from .errors import ShapeError, SpecError, TorchMergeError, TraceError, VerificationError
+from .io import load
+from .errors import (ArgumentError, ArgumentTypeError, ShapeError, SpecError, TorchMergeError, TraceError,
+                     VerificationError)
 from .merged import MergedModel
 from .modules import ChannelAffine, TaskAffine, TaskHeads
 from .pipeline import merge
@@ -21,7 +23,8 @@ from .task_weights import TaskWeights
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge", "MergedModel", "calibrate", "TaskAffine", "TaskHeads", "ChannelAffine", "TaskWeights",
+    "merge", "load", "MergedModel", "calibrate", "TaskAffine", "TaskHeads", "ChannelAffine", "TaskWeights",
     "methods", "analysis", "align", "align_many", "AlignResult", "discover", "verify_spec", "permute", "permute_state_dict", "PermutationSpec", "Group",
     "FrozenSpace", "TorchMergeError", "TraceError", "ShapeError", "SpecError", "VerificationError",
+    "ArgumentError", "ArgumentTypeError",
 ]

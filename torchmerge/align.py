@@ -53,7 +53,7 @@ class AlignResult:
 
 def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method: str = "weight",
           data=None, *, max_iter: int = 100, seed: int = 0, exclude=None, max_batches=None,
-          probes_per_group: int = 4, return_result: bool = False):
+          probes_per_group: int = 4, return_result: bool = False, _scorers=None):
     """Permutations that bring ``other`` into ``reference``'s unit order (apply with ``tm.permute``).
 
     ``method="weight"``: Git Re-Basin weight matching (Ainsworth et al. 2022). ``"activation"``:
@@ -64,6 +64,8 @@ def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method:
     ref_state, other_state = _shared_states(reference, other, spec, exclude)
     if method == "weight":
         scorers = {}
+    elif method == "activation" and _scorers is not None:
+        scorers = _scorers  # from align_many's one pass over the data
     elif method == "activation":
         if data is None:
             raise TorchMergeError("align(method='activation') needs data=<iterable of batches> that "
@@ -87,17 +89,28 @@ def align_many(experts, spec: PermutationSpec, reference: int = 0, bases=None, *
         raise TorchMergeError(f"reference={reference} is not an index into {len(experts)} experts")
     identity = spec.identity_perms()
     if bases is None:
-        return [identity if i == reference else align(experts[reference], e, spec, **kwargs)
-                for i, e in enumerate(experts)]
-    bases = list(bases)
-    if len(bases) != len(experts):
-        raise TorchMergeError(f"bases has {len(bases)} entries for {len(experts)} experts: give one "
-                              "base (init/pretraining) per expert, repeating shared ones")
-    anchor, cache = bases[reference], {}
-    for b in bases:
-        if id(b) not in cache:
-            cache[id(b)] = identity if b is anchor else align(anchor, b, spec, **kwargs)
-    return [cache[id(b)] for b in bases]
+        models, anchor = experts, experts[reference]
+    else:
+        models = list(bases)
+        if len(models) != len(experts):
+            raise TorchMergeError(f"bases has {len(models)} entries for {len(experts)} experts: give "
+                                  "one base (init/pretraining) per expert, repeating shared ones")
+        anchor = models[reference]
+    others = list({id(m): m for m in models if m is not anchor}.values())
+    scorers = _shared_pass(anchor, others, spec, kwargs)
+    perms = {id(anchor): identity}
+    for m, sc in zip(others, scorers):
+        perms[id(m)] = align(anchor, m, spec, **kwargs, _scorers=sc)
+    return [perms[id(m)] for m in models]
+
+
+def _shared_pass(anchor, others, spec, kwargs) -> list:
+    """Activation matching: the anchor runs once per batch for every other model (not once per
+    pair); weight matching needs no pass."""
+    if kwargs.get("method", "weight") != "activation" or kwargs.get("data") is None or not others:
+        return [None] * len(others)
+    return _activation_scorers(anchor, others, spec, kwargs["data"], kwargs.get("max_batches"),
+                               kwargs.get("probes_per_group", 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +361,10 @@ def _take(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
     return t.index_select(axis, index.to(t.device))
 
 
-def _activation_scorers(reference, other, spec, data, max_batches, probes_per_group) -> dict:
-    """Score functions from the Pearson correlation of the two models' activations at probes."""
+def _activation_scorers(reference, other, spec, data, max_batches, probes_per_group):
+    """Score functions from the Pearson correlation of the two models' activations at probes;
+    ``other`` may be a list of models (one pass over the data, the reference run once per batch),
+    then a list of scorer dicts is returned."""
     from .stats import collect_paired
 
     # an output with groups on two axes (token mixers) is skipped: its "sample" axis is permuted
@@ -361,11 +376,17 @@ def _activation_scorers(reference, other, spec, data, max_batches, probes_per_gr
     chosen = {g: [p for p in probes if len(seen[p.module_path]) == 1][:probes_per_group]
               for g, probes in spec.probes.items()}
     axes = {p.module_path: p.axis for probes in chosen.values() for p in probes}
+    many = isinstance(other, list)
     if not axes:
-        return {}
-    stats = collect_paired(reference, other, list(axes), list(axes), data, channel_axis=axes,
-                           max_batches=max_batches)
-    corr = {path: stats[path].correlation() for path in axes}
+        return [{} for _ in other] if many else {}
+    stats = collect_paired(reference, other if many else [other], list(axes), list(axes), data,
+                           channel_axis=axes, max_batches=max_batches)
+    found = [_scorers(spec, chosen, {path: st[path].correlation() for path in axes}) for st in stats]
+    return found if many else found[0]
+
+
+def _scorers(spec, chosen: dict, corr: dict) -> dict:
+    """Score functions per group from the correlations at its probes."""
 
     def scorer(g, probes):
         def score(perms, invariant=False):

@@ -199,7 +199,7 @@ def cka(model_a: nn.Module, model_b: nn.Module, data, layers=None, *, debiased: 
     {'0': 1.0, '2': 1.0}
     """
     pairs = _layer_pairs(model_a, model_b, layers)
-    from .stats import iter_inputs
+    from .batches import iter_calls
 
     sums = {n: torch.zeros(3, dtype=torch.float64) for n in pairs}
     feats = {n: ([], []) for n in pairs}
@@ -207,10 +207,10 @@ def cka(model_a: nn.Module, model_b: nn.Module, data, layers=None, *, debiased: 
     batches = 0
     device = next((p.device for p in model_a.parameters()), None)
     with eval_mode(model_a), eval_mode(model_b), _capture(pairs, seen):
-        for x in iter_inputs(data, max_batches=max_batches, device=device):
+        for x in iter_calls(data, max_batches=max_batches, device=device):
             seen.clear()
-            model_a(x)
-            model_b(x.to(next((p.device for p in model_b.parameters()), x.device)))
+            x(model_a)
+            x.to(next((p.device for p in model_b.parameters()), None))(model_b)
             for name in pairs:
                 if (name, 0) not in seen or (name, 1) not in seen:
                     raise TorchMergeError(f"cka: layer {name!r} was not called in both models' forward")

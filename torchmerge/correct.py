@@ -40,9 +40,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils import _pytree as pytree
+
+from . import validate
+from .batches import Inputs, first_call, iter_calls
 from .errors import TorchMergeError
+from .module_sites import first_tensor
 from .modules import TaskAffine
-from .stats import Moments, _dist_ready, _mode, _progress, iter_inputs
+from .stats import Moments, _dist_ready, _mode, _progress
 from .trace import trace
 
 MODES = ("affine", "repair", "affine+tune")
@@ -54,20 +59,30 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
               tune_heads: bool = False, progress: bool = False) -> dict:
     """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
 
-    ``experts``: the *aligned* experts (same unit order as the merged model), one per task.
-    ``data``: one iterable of batches per task (``None``: no data for that task — an error unless
-    ``allow_uncorrected=True``, which leaves that task's affines at the identity).
+    ``experts``: one per task — the experts given to ``tm.merge`` (permuted here into the merged
+    model's unit order with ``merged.info``'s spec and perms, when the merge aligned them) or
+    their aligned copies. ``data``: one iterable of batches per task (``None``: no data for that
+    task — an error unless ``allow_uncorrected=True``, which leaves that task's affines at the
+    identity). Arguments are checked before any work (:mod:`torchmerge.validate`); if fitting
+    fails partway, the merged model is left as it was.
     """
-    if mode not in MODES:
-        raise TorchMergeError(f"unknown correction {mode!r}; valid: {', '.join(MODES)}")
-    if passes < 1:
-        raise TorchMergeError(f"passes must be >= 1, got {passes}")
-    if tune_loss not in ("kl", "mse"):
-        raise TorchMergeError(f"tune_loss must be 'kl' or 'mse', got {tune_loss!r}")
+    options = dict(passes=passes, eps=eps, tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
+                   tune_heads=tune_heads, progress=progress)
+    experts, data, permuted = validate.calibrate_arguments(merged, experts, data, mode, max_batches,
+                                                           allow_uncorrected, options)
+    report = fit_affines(merged, experts, data, mode, max_batches=max_batches,
+                         allow_uncorrected=allow_uncorrected, **options)
+    if permuted:
+        report["permuted_experts"] = permuted
+    return report
+
+
+def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None,
+                allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
+                tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
+                tune_heads: bool = False, progress: bool = False) -> dict:
+    """:func:`calibrate` on checked arguments and aligned experts (what ``tm.merge`` calls)."""
     experts, data = list(experts), list(data) if data is not None else [None] * merged.num_tasks
-    if len(experts) != merged.num_tasks or len(data) != merged.num_tasks:
-        raise TorchMergeError(f"calibrate needs one expert and one data iterable per task: "
-                              f"{merged.num_tasks} tasks, {len(experts)} experts, {len(data)} data")
     missing = [merged.task_names[t] for t, d in enumerate(data) if d is None]
     if missing and not allow_uncorrected:
         raise TorchMergeError(f"no calibration data for tasks {missing}: give data for every task, or "
@@ -77,30 +92,98 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
                               "sites='layer' or 'block'")
     opts = dict(max_batches=max_batches, passes=passes, eps=eps, progress=progress)
     report = {"mode": mode, "passes": passes, "uncorrected": missing, "tasks": {}}
-    if mode == "repair":
-        report["tasks"] = _fit_shared(merged, experts, data, **opts)
-    else:
-        for t, (expert, batches) in enumerate(zip(experts, data)):
-            if batches is not None:
-                report["tasks"][merged.task_names[t]] = _fit_task(merged, expert, batches, t, **opts)
-    if mode == "affine+tune":
-        for t, (expert, batches) in enumerate(zip(experts, data)):
-            if batches is not None:
-                loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr, loss=tune_loss,
-                            heads=tune_heads, max_batches=max_batches)
-                report["tasks"][merged.task_names[t]]["tune_loss"] = loss
+    with _restored_on_error(merged):
+        if mode == "repair":
+            report["tasks"] = _fit_shared(merged, experts, data, **opts)
+        else:
+            for t, (expert, batches) in enumerate(zip(experts, data)):
+                if batches is not None:
+                    report["tasks"][merged.task_names[t]] = _fit_task(merged, expert, batches, t, **opts)
+        if mode == "affine+tune":
+            for t, (expert, batches) in enumerate(zip(experts, data)):
+                if batches is not None:
+                    loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr, loss=tune_loss,
+                                heads=tune_heads, max_batches=max_batches)
+                    report["tasks"][merged.task_names[t]]["tune_loss"] = loss
     merged.info = {**getattr(merged, "info", {}), "calibration": report}
     return report
+
+
+@contextlib.contextmanager
+def _restored_on_error(merged):
+    """Snapshot the task parameters (affine sites and heads: all that fitting writes); put them
+    back if anything raises, so a failed calibration leaves no half-fitted model."""
+    params = list(merged.task_parameters())
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
 # statistics at the sites
 
 
-def observed_expert(merged, expert: nn.Module, example, on_site) -> fx.GraphModule:
+@contextlib.contextmanager
+def observing(merged, expert: nn.Module, example: Inputs, on_site):
+    """Yield a module that runs ``expert`` and calls ``on_site(site_name, activation)`` where each
+    site of ``merged`` sits: a forward hook on the expert's module at ``site.site_module``
+    (injected build), or an observer after the fx node ``site.site_node`` of the traced expert
+    (graph build). Hooks are removed on exit; the expert's weights are never changed."""
+    sites = merged.sites()
+    by_module = {name: s for name, s in sites.items() if s.site_module is not None}
+    if not by_module:
+        yield observed_expert(merged, expert, example, on_site)
+        return
+    if len(by_module) != len(sites):
+        raise TorchMergeError("the merged model mixes sites at fx nodes and at modules; build it with "
+                              "one tm.merge call")
+    handles = []
+    try:
+        for name, site in by_module.items():
+            module = _expert_module(expert, site.site_module, name)
+            handles.append(module.register_forward_hook(_ModuleObserver(name, site.site_module, on_site)))
+        yield expert
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _expert_module(expert: nn.Module, path: str, site: str) -> nn.Module:
+    try:
+        return expert.get_submodule(path)
+    except AttributeError:
+        raise TorchMergeError(f"site {site} follows module '{path}', which the expert "
+                              f"({type(expert).__name__}) lacks: experts must share the merged model's "
+                              "architecture") from None
+
+
+class _ModuleObserver:
+    """Forward hook passing a module's output tensor (element 0 of a tuple output) to ``on_site``."""
+
+    def __init__(self, name: str, path: str, on_site):
+        self.name, self.path, self.on_site = name, path, on_site
+
+    def __call__(self, module, args, output):
+        x = first_tensor(output)
+        if x is None:
+            raise TorchMergeError(f"the expert's module '{self.path}' (site {self.name}) returned a "
+                                  f"{type(output).__name__}, not a tensor or a tuple starting with one")
+        self.on_site(self.name, x.detach())
+
+
+def observed_expert(merged, expert: nn.Module, example: Inputs, on_site) -> fx.GraphModule:
     """``expert`` traced, with ``on_site(site_name, activation)`` called at the fx node each site
     of ``merged`` follows. The graph shares the expert's modules (no copy); the expert is unchanged."""
-    gm = trace(expert, (example,), **getattr(merged, "trace_options", {}))
+    if example.kwargs:
+        raise TorchMergeError(f"the graph build traces experts with positional inputs, but the data's "
+                              f"batches are keyword arguments {sorted(example.kwargs)}; merge with "
+                              "build='inject'")
+    gm = trace(expert, example.args, **getattr(merged, "trace_options", {}))
     nodes = {n.name: n for n in gm.graph.nodes}
     for i, (name, site) in enumerate(merged.sites().items()):
         if site.site_node not in nodes:
@@ -126,22 +209,25 @@ class _Observer(nn.Module):
         return x
 
 
-def _first_input(batches, device):
-    example = next(iter(iter_inputs(batches, 1, device)), None)
-    if example is None:
-        raise TorchMergeError("a task's calibration data yielded no batches")
-    return example
+def _first_input(batches, device) -> Inputs:
+    return first_call(batches, device, what="a task's calibration data")
+
+
+def _call(model, inputs: Inputs, **extra):
+    """``model(*args, **kwargs, **extra)`` for one batch's :class:`Inputs` (on copies: see
+    :meth:`Inputs.__call__`)."""
+    return inputs(model, **extra)
 
 
 def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progress=False) -> dict:
-    """``{site: Moments}`` of ``expert`` at the fx node each site of ``merged`` follows."""
+    """``{site: Moments}`` of ``expert`` where each site of ``merged`` sits (fx node or module)."""
     sites = merged.sites()
     stats = {name: Moments() for name in sites}
-    gm = observed_expert(merged, expert, _first_input(batches, _device(expert)),
-                         lambda name, x: stats[name].update(x, sites[name].channel_axis))
-    with _mode([gm], False):
-        for x in _progress(iter_inputs(batches, max_batches, _device(expert)), progress, batches, max_batches):
-            gm(x)
+    device = _device(expert)
+    on_site = lambda name, x: stats[name].update(x, sites[name].channel_axis)  # noqa: E731
+    with observing(merged, expert, _first_input(batches, device), on_site) as model, _mode([model], False):
+        for x in _progress(iter_calls(batches, max_batches, device), progress, batches, max_batches):
+            x(model)
     return _reduced(stats)
 
 
@@ -169,9 +255,9 @@ def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None
                 handles.append(site.register_forward_hook(
                     lambda m, args, out, name=name: hook(name, m, out)))
         with _mode([merged], False), _unfused(merged):
-            for x in _progress(iter_inputs(batches, max_batches, _device(merged)), progress, batches,
+            for x in _progress(iter_calls(batches, max_batches, _device(merged)), progress, batches,
                                max_batches):
-                merged(x, task=task)
+                _call(merged, x, task=task)
     finally:
         for h in handles:
             h.remove()
@@ -243,51 +329,56 @@ def _fit_task(merged, expert, batches, t, *, max_batches, passes, eps, progress)
     sites = merged.sites()
     for site in sites.values():  # start from the identity: the fit is relative to the raw input
         _set_rows(site, t, torch.ones(1), torch.zeros(1))
-    target, stats = _paired_pass(merged, expert, batches, t, max_batches, eps, progress)
+    target, stats, count = _paired_pass(merged, expert, batches, t, max_batches, eps, progress)
     for p in range(passes):
         if p > 0:
             stats = merged_moments(merged, t, batches, max_batches=max_batches, progress=progress)
         before = {n: site.scale[t].detach().clone() for n, site in sites.items()}
         for name, site in sites.items():
             _set_rows(site, t, *affine_fit(stats[name], target[name].mean, target[name].var, eps))
-    return {"sites": len(sites), "change": _change(sites, before, t)}
+    return {"sites": len(sites), "batches": count, "change": _change(sites, before, t)}
 
 
 def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
     """Expert and merged model on each batch in turn; each site's affine is refit *on that batch*
     so the merged batch statistics equal the expert's before the activations flow downstream.
-    Returns cumulative (expert, merged pre-affine) moments. Equal models give the identity."""
+    Returns cumulative (expert, merged pre-affine) moments. Equal models give the identity.
+    A module called several times per forward (injected build) pairs its calls in order."""
     sites = merged.sites()
     target = {name: Moments() for name in sites}
     mine = {name: Moments() for name in sites}
-    batch_target = {}
+    batch_target = {name: [] for name in sites}  # this batch's expert moments, one per call
 
     def on_expert(name, x):
         axis = sites[name].channel_axis
         target[name].update(x, axis)
-        batch_target[name] = _batch_moments(x, axis)
-
-    gm = observed_expert(merged, expert, _first_input(batches, _device(expert)), on_expert)
+        batch_target[name].append(_batch_moments(x, axis))
 
     def pre_hook(site, x, name):
         x = x.detach()
         mine[name].update(x, site.channel_axis)
+        calls = batch_target[name]
+        mean_e, var_e = calls.pop(0) if len(calls) > 1 else calls[0]
         mean_m, var_m = _batch_moments(x, site.channel_axis)
-        mean_e, var_e = batch_target[name]
         scale = (var_e + eps).sqrt() / (var_m + eps).sqrt()
         _set_rows(site, t, scale, mean_e - scale * mean_m)
 
     handles = [_on_affine_input(site, lambda s, x, name=name: pre_hook(s, x, name))
                for name, site in sites.items()]
+    device_e, device_m, count = _device(expert), _device(merged), 0
     try:
-        with _mode([gm, merged], False), _unfused(merged):
-            for x in _progress(iter_inputs(batches, max_batches), progress, batches, max_batches):
-                gm(x.to(_device(expert)))
-                merged(x.to(_device(merged)), task=t)
+        with observing(merged, expert, _first_input(batches, device_e), on_expert) as gm, \
+                _mode([gm, merged], False), _unfused(merged):
+            for x in _progress(iter_calls(batches, max_batches), progress, batches, max_batches):
+                count += 1
+                for calls in batch_target.values():
+                    calls.clear()
+                x.to(device_e)(gm)
+                _call(merged, x.to(device_m), task=t)
     finally:
         for h in handles:
             h.remove()
-    return _reduced(target), _reduced(mine)
+    return _reduced(target), _reduced(mine), count
 
 
 def _batch_moments(x, axis):
@@ -333,7 +424,7 @@ class _Interleaved:
         self.sources, self.max_batches = sources, max_batches
 
     def __iter__(self):
-        streams = [itertools.islice(iter_inputs(s), self.max_batches) for s in self.sources]
+        streams = [iter_calls(s, self.max_batches) for s in self.sources]
         for group in itertools.zip_longest(*streams):
             yield from (b for b in group if b is not None)
 
@@ -354,7 +445,7 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=
     if heads:
         params += [p for h in merged.heads().values() for p in h.heads[t].parameters()]
     device = _device(merged)
-    batches_list = list(itertools.islice(iter_inputs(batches, max_batches, device), max_batches))
+    batches_list = list(iter_calls(batches, max_batches, device))
     if not batches_list or steps <= 0:
         return float("nan")
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -363,8 +454,8 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=
         for step in range(steps):
             x = batches_list[step % len(batches_list)]
             with torch.no_grad():
-                target = expert(x.to(_device(expert)))
-            out = merged(x, task=t)
+                target = logits_of(x.to(_device(expert))(expert))
+            out = logits_of(_call(merged, x, task=t))
             value = _distill(out, target.to(out), loss)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
@@ -373,12 +464,32 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=
     return sum(losses[-10:]) / len(losses[-10:])
 
 
+def logits_of(output) -> torch.Tensor:
+    """The tensor distillation compares: ``output.logits`` (Hugging Face output objects), the
+    output itself, or its first floating tensor (tuples, dicts).
+
+    >>> logits_of((torch.zeros(2, 3), torch.ones(1))).shape
+    torch.Size([2, 3])
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    leaves = [v for v in pytree.tree_leaves(output) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not leaves:
+        raise TorchMergeError(f"the model returned a {type(output).__name__} without a floating tensor; "
+                              "tune needs logits (a tensor, .logits, or a tuple starting with one)")
+    return leaves[0]
+
+
 def _distill(out, target, loss):
     if loss == "mse":
         return F.mse_loss(out.float(), target.float())
-    if out.dim() != 2:
-        raise TorchMergeError(f"tune_loss='kl' needs logits [B, K], got output shape {tuple(out.shape)}; "
+    if out.dim() < 2:
+        raise TorchMergeError(f"tune_loss='kl' needs logits [..., K], got output shape {tuple(out.shape)}; "
                               "use tune_loss='mse'")
+    out, target = out.flatten(0, -2), target.flatten(0, -2)  # [B, T, K] (language models) -> [B·T, K]
     return F.kl_div(out.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True,
                     reduction="batchmean")
 
@@ -398,4 +509,4 @@ def _only_trainable(model, params):
 
 
 __all__ = ["calibrate", "MODES", "expert_moments", "merged_moments", "site_moments", "affine_fit",
-           "tune"]
+           "tune", "logits_of", "observing"]

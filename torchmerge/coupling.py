@@ -107,12 +107,16 @@ class Walker:
         self.canonical = _canonical_names(model)
         self.user_leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.user_leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+        self.sliced: list = []  # (term, kept?, reason): pieces slices kept or dropped
 
     def param_layout(self, qualname: str) -> list:
         tensor = _get_tensor(self.model, qualname)
         name = self.canonical.get(id(tensor), qualname)
         if name not in self.params:
-            self.params[name] = [self.spaces.atom(s) for s in tensor.shape]
+            # integer tensors hold indices (position ids, masks): their order is data, never permuted
+            frozen = None if tensor.is_floating_point() or tensor.is_complex() else Reason(
+                "integer tensor (indices or counts)", op=str(tensor.dtype), module_path=name)
+            self.params[name] = [self.spaces.atom(s, frozen=frozen) for s in tensor.shape]
         return self.params[name]
 
     def run(self) -> None:
@@ -125,6 +129,14 @@ class Walker:
             if not _fits(self.spaces, value, node.meta.get("shape")):
                 value = self.fallback(c, "rule produced a layout that does not fit the output shape")
             self.env[node] = value
+        self._freeze_dropped()
+
+    def _freeze_dropped(self) -> None:
+        """Freeze what slices dropped and no slice kept (see aten_rules._slice)."""
+        kept = {id(self.spaces.find(a)) for t, k, _ in self.sliced if k for a in self.spaces.leaves(t)}
+        for term, k, reason in self.sliced:
+            if not k and not any(id(self.spaces.find(a)) in kept for a in self.spaces.leaves(term)):
+                self.spaces.freeze(term, reason)
 
     def fallback(self, c: Ctx, why: str):
         """Freeze everything an unknown op touches; its output axes are fixed."""

@@ -8,17 +8,21 @@ from .coupling import Walker
 from .errors import VerificationError
 from .layout import Atom
 from .spec import FrozenSpace, Group, PermutationSpec, Probe, _names, permute
-from .trace import as_inputs, eval_mode, trace
+from .batches import example_inputs_of
+from .trace import capture, eval_mode
 
 
 def discover(model: nn.Module, example_inputs, *, leaf_modules=(), concrete_args=None,
-             verify: bool = True) -> PermutationSpec:
+             verify: bool = True, capture_method: str = "auto") -> PermutationSpec:
     """Find every set of (parameter, axis) pairs that must share one permutation.
 
-    ``example_inputs``: a tensor or tuple of tensors shaped like one batch. ``leaf_modules``:
-    module classes or dotted paths to keep opaque (their spaces are frozen). With ``verify``
-    (default) the spec is checked by permuting a copy randomly and comparing outputs; a
-    mismatch raises :class:`VerificationError` naming the offending groups.
+    ``example_inputs``: shaped like one batch — a tensor, a tuple of positional arguments, or a
+    dict of keyword arguments (``{"input_ids": ids, "attention_mask": mask}``). The model is
+    captured by torch.fx symbolic tracing, or by ``torch.export`` where that cannot capture it
+    (``capture_method``: "auto", "fx" or "export"; see :func:`torchmerge.trace.capture`).
+    ``leaf_modules``: module classes or dotted paths to keep opaque (their spaces are frozen).
+    With ``verify`` (default) the spec is checked by permuting a copy randomly and comparing
+    every output; a mismatch raises :class:`VerificationError` naming the offending groups.
 
     >>> import torch, torchmerge as tm
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -27,12 +31,13 @@ def discover(model: nn.Module, example_inputs, *, leaf_modules=(), concrete_args
     >>> [(g.size, len(g.members)) for g in spec.groups.values()]
     [(8, 7)]
     """
-    gm = trace(model, example_inputs, leaf_modules, concrete_args)
+    gm = capture(model, example_inputs, leaf_modules, concrete_args, capture_method)
     walker = Walker(gm, model, leaf_modules)
     walker.run()
     spec = build_spec(walker)
     if verify and spec.groups:
-        verify_spec(model, spec, example_inputs, concrete_args, gm.meta.get("example_outputs"))
+        verify_spec(model, spec, gm.meta.get("inputs", example_inputs), concrete_args,
+                    gm.meta.get("example_outputs"))
     return spec
 
 
@@ -79,17 +84,36 @@ def build_spec(walker: Walker) -> PermutationSpec:
     return PermutationSpec(groups, axes, frozen_spaces, unused, probes)
 
 
-def _probes(walker: Walker, expr, groups) -> dict:
-    """Module outputs where each group can be observed (for activation statistics)."""
+def _module_outputs(gm) -> dict:
+    """{module path: [nodes whose value leaves the module]} — one node per call for
+    ``call_module`` graphs; for torch.export graphs, from each node's ``nn_module_stack``."""
     calls: dict = {}
-    for node in walker.gm.graph.nodes:
+    for node in gm.graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
+    if calls or gm.meta.get("capture") != "export":
+        return calls
+    keys: dict = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if node.op != "call_function":
+            continue
+        for key, (path, _) in list(stack.items())[1:]:
+            keys.setdefault(path, set()).add(key)
+            if any(key not in (u.meta.get("nn_module_stack") or {}) for u in node.users):
+                calls.setdefault(path, []).append(node)
+    skip = gm.meta.get("non_tensor_modules", set())  # outputs a hook cannot read as one tensor
+    return {p: nodes for p, nodes in calls.items() if len(keys[p]) == 1 and p not in skip}
+
+
+def _probes(walker: Walker, expr, groups) -> dict:
+    """Module outputs where each group can be observed (for activation statistics)."""
     probes: dict = {}
-    for path, nodes in calls.items():
+    for path, nodes in _module_outputs(walker.gm).items():
+        nodes = list(nodes)
         value = walker.env.get(nodes[0])
         if len(nodes) > 1 or not isinstance(value, list):
-            continue  # a module called twice would mix two spaces in one hook
+            continue  # a module called twice (or with several outputs) would mix spaces in one hook
         for axis, term in enumerate(value):
             e = expr(term)
             for name in _names(e):
@@ -107,7 +131,7 @@ def _get(model, name):
 def _outputs(model, inputs, concrete_args):
     kwargs = {k: v for k, v in (concrete_args or {}).items() if not isinstance(v, type(...))}
     with eval_mode(model):
-        return _flat_tensors(model(*inputs, **kwargs))
+        return _flat_tensors(inputs(model, **kwargs))  # Inputs run the model on copies
 
 
 def _flat_tensors(out) -> list:
@@ -121,7 +145,11 @@ def _flat_tensors(out) -> list:
 
 
 def _close(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False  # every output is compared, none ignored
     for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
         if not x.is_floating_point():
             if not torch.equal(x, y):
                 return False
@@ -136,7 +164,7 @@ def _close(a: list, b: list) -> bool:
 def verify_spec(model: nn.Module, spec: PermutationSpec, example_inputs, concrete_args=None,
                 reference_outputs=None) -> None:
     """Raise :class:`VerificationError` if a random permutation changes the model's outputs."""
-    inputs = as_inputs(example_inputs)
+    inputs = example_inputs_of(example_inputs)
     if reference_outputs is None:
         reference = _outputs(model, inputs, concrete_args)
     else:

@@ -24,3 +24,15 @@ class SpecError(TorchMergeError, ValueError):
 class VerificationError(TorchMergeError):
     """Permuting with the discovered spec changed the model's function (an op used in a way the
     tracer could not see); the message names the spaces involved and how to freeze them."""
+
+
+class ArgumentError(TorchMergeError, ValueError):
+    """An argument of ``tm.merge`` / ``tm.calibrate`` has a value that cannot be right (an empty
+    task, a non-finite hyper-parameter, NaN weights, duplicate task names...); checked up front,
+    before any expensive work. The message names the argument, the expert or task index and what
+    to pass instead."""
+
+
+class ArgumentTypeError(TorchMergeError, TypeError):
+    """An argument of ``tm.merge`` / ``tm.calibrate`` has the wrong type (``k="0.2"``,
+    ``task_names="ab"``, ``data=5``); checked up front."""

@@ -1,5 +1,12 @@
 """MergedModel: one module serving every task, switched like peft adapters.
 
+Two builds share this task API (``set_task``, ``with model.task(t)``, ``task=`` in the call,
+``sites``, ``heads``, ``task_parameters``, ``export``, ``save``):
+
+* :class:`GraphMergedModel` — the fx-rewritten reference expert in ``body`` (``build="graph"``);
+* :class:`torchmerge.inject.InjectedModel` — a copy of the reference expert, still an instance of
+  the user's own class, with task modules injected at module boundaries (``build="inject"``).
+
 >>> import torch, torchmerge as tm
 >>> experts = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, k))
 ...            for k in (3, 5)]
@@ -20,34 +27,33 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .batches import Inputs
 from .errors import TorchMergeError
-from .modules import TaskAffine, TaskHeads, check_task_ids
+from .modules import TaskAffine, TaskHeads, check_task_ids, stitch_rows
 from .rewrite import export_graph, into_module
 
 
 def _forget_applied(module, incompatible_keys) -> None:
-    """After load_state_dict the body holds whatever task's weights were saved: re-apply."""
+    """After load_state_dict the weights hold whatever task's weights were saved: re-apply."""
     module._applied = None
 
 
 class MergedModel(nn.Module):
-    """Wraps the rewritten graph ``body``; ``forward(*inputs, task=None)``.
+    """The task API of every merged model (both builds are instances of this class).
 
     ``task=None`` uses the active task (``set_task`` / ``with model.task(t)``); an int or name
     selects one task; a LongTensor ``[B]`` gives each sample its own task (batch axis first).
     ``task_weights``, if given, maps a task index to that task's weights (TALL masks): they are
-    written into the body when the task changes.
+    written into the model's parameters when the task changes.
     """
 
-    def __init__(self, body: fx.GraphModule, task_names, task_weights=None):
-        super().__init__()
-        self.body = body
+    def _init_tasks(self, task_names, task_weights=None) -> None:
+        """Set the task state (called by each build's constructor)."""
         self.task_names = [str(t) for t in task_names]
         self.active_task = 0
         self.task_weights = task_weights  # a TaskWeights submodule (TALL masks) or None
         self._applied = None
-        self.info: dict = {}
-        self.trace_options: dict = {}
+        self.info = {}
         self.register_load_state_dict_post_hook(_forget_applied)
         self._apply_weights(0)
 
@@ -57,6 +63,7 @@ class MergedModel(nn.Module):
         return len(self.task_names)
 
     def task_index(self, task) -> int:
+        """The index of a task name, or a validated int index."""
         if isinstance(task, str):
             if task not in self.task_names:
                 raise TorchMergeError(f"unknown task {task!r}; tasks: {self.task_names}")
@@ -76,64 +83,104 @@ class MergedModel(nn.Module):
         try:
             yield self
         finally:
-            self.active_task = previous
+            self.set_task(previous)
+
+    def _weights_root(self) -> nn.Module:
+        """The module whose parameters TALL task weights are written into."""
+        return self
 
     def _apply_weights(self, t: int) -> None:
         if self.task_weights is None or self._applied == t:
             return
-        params = dict(self.body.named_parameters()) | dict(self.body.named_buffers())
+        root = self._weights_root()
+        params = dict(root.named_parameters()) | dict(root.named_buffers())
         with torch.no_grad():
             for name, value in self.task_weights(t).items():
                 params[name].copy_(value)
         self._applied = t
 
-    # -- forward ----------------------------------------------------------------------------
-    def forward(self, *inputs, task=None):
-        if task is None:
-            task = self.active_task
-        elif isinstance(task, torch.Tensor):
-            batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            check_task_ids(task, self.num_tasks, batch, where=" (model(x, task=ids))")
-            if task.device != inputs[0].device:
-                raise TorchMergeError(f"task ids are on {task.device} but the inputs are on "
-                                      f"{inputs[0].device}; move them with ids.to(x.device)")
-            if self.task_weights is not None:
-                return self._forward_per_task(inputs, task)
-        else:
-            task = self.task_index(task)
-        if isinstance(task, int):
-            self._apply_weights(task)
-        return self.body(*inputs, task=task)
-
-    def _forward_per_task(self, inputs, ids):
-        """Task-specific weights: run each present task on its own rows (a loop over tasks)."""
-        outs = []
-        for t in ids.unique().tolist():
-            rows = (ids == t).nonzero().squeeze(1)
-            self._apply_weights(t)
-            outs.append((rows, self.body(*[x.index_select(0, rows) for x in inputs], task=t)))
-        first = outs[0][1]
-        sizes = {t: tuple(o.shape[1:]) for t, (_, o) in zip(ids.unique().tolist(), outs)}
-        if len(set(sizes.values())) > 1:
-            raise TorchMergeError(f"a mixed-task batch needs heads with equal output shapes, got {sizes}; "
-                                  "run tasks with different head sizes separately (model.set_task)")
-        out = first.new_empty((ids.shape[0],) + first.shape[1:])
-        for rows, o in outs:
-            out.index_copy_(0, rows, o)
-        return out
+    def _check_ids(self, ids: torch.Tensor, batch: int | None, device) -> None:
+        check_task_ids(ids, self.num_tasks, batch, where=" (model(x, task=ids))")
+        if device is not None and ids.device != device:
+            raise TorchMergeError(f"task ids are on {ids.device} but the inputs are on {device}; "
+                                  "move them with ids.to(x.device)")
 
     # -- views ------------------------------------------------------------------------------
+    def _task_modules(self, kind) -> dict:
+        return {n: m for n, m in self.named_modules() if isinstance(m, kind)}
+
     def sites(self) -> dict:
-        """{name: TaskAffine} in graph order."""
-        return {n: m for n, m in self.body.named_modules() if isinstance(m, TaskAffine)}
+        """{name: TaskAffine} in module order."""
+        return self._task_modules(TaskAffine)
 
     def heads(self) -> dict:
-        return {n: m for n, m in self.body.named_modules() if isinstance(m, TaskHeads)}
+        """{name: TaskHeads}."""
+        return self._task_modules(TaskHeads)
 
     def task_parameters(self):
         """Parameters of the affine sites and the heads: train these in an ordinary loop."""
         for m in list(self.sites().values()) + list(self.heads().values()):
             yield from m.parameters()
+
+    def export(self, task=None, like: nn.Module | None = None) -> nn.Module:
+        """A plain module for one task (see the builds)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement export")
+
+    def save(self, path, example_inputs=None) -> None:
+        """Write the folder ``path``: ``model.safetensors`` (every tensor) and ``torchmerge.json``
+        (the manifest); no pickle. :func:`torchmerge.load` rebuilds the model from a fresh
+        instance of the reference architecture, without the experts (see :mod:`torchmerge.io`).
+        """
+        from .io import save  # io builds merged models: imported on use
+
+        save(self, path, example_inputs=example_inputs)
+
+    def extra_repr(self) -> str:
+        sites = ", ".join(self.sites())
+        return (f"tasks={self.task_names}, active={self.task_names[self.active_task]!r}, "
+                f"sites={len(self.sites())} [{sites[:200]}{'...' if len(sites) > 200 else ''}]")
+
+
+class GraphMergedModel(MergedModel):
+    """The fx build: wraps the rewritten graph ``body``; ``forward(*inputs, task=None, **kwargs)``."""
+
+    def __init__(self, body: fx.GraphModule, task_names, task_weights=None):
+        super().__init__()
+        self.body = body
+        self.trace_options: dict = {}
+        self._init_tasks(task_names, task_weights)
+
+    def _weights_root(self) -> nn.Module:
+        return self.body
+
+    def _task_modules(self, kind) -> dict:
+        return {n: m for n, m in self.body.named_modules() if isinstance(m, kind)}
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, *inputs, task=None, **kwargs):
+        if task is None:
+            task = self.active_task
+        elif isinstance(task, torch.Tensor):
+            first = next((v for v in (*inputs, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+            self._check_ids(task, None if first is None or not first.dim() else first.shape[0],
+                            None if first is None else first.device)
+            if self.task_weights is not None:
+                return self._forward_per_task(inputs, kwargs, task)
+        else:
+            task = self.task_index(task)
+        if isinstance(task, int):
+            self._apply_weights(task)
+        return self.body(*inputs, task=task, **kwargs)
+
+    def _forward_per_task(self, inputs, kwargs, ids):
+        """Task-specific weights: run each present task on its own rows (a loop over tasks)."""
+        call, parts = Inputs(inputs, kwargs), []
+        for t in ids.unique().tolist():
+            rows = (ids == t).nonzero().squeeze(1)
+            self._apply_weights(t)
+            part = call.rows(rows)
+            parts.append((rows, self.body(*part.args, task=t, **part.kwargs)))
+        return stitch_rows(parts, ids.shape[0])
 
     def export(self, task=None, like: nn.Module | None = None) -> nn.Module:
         """A plain module for one task: heads chosen, affines folded, no task argument.
@@ -146,8 +193,3 @@ class MergedModel(nn.Module):
         self._apply_weights(t)
         graph = export_graph(self.body, t)
         return graph if like is None else into_module(graph, like)
-
-    def extra_repr(self) -> str:
-        sites = ", ".join(self.sites())
-        return (f"tasks={self.task_names}, active={self.task_names[self.active_task]!r}, "
-                f"sites={len(self.sites())} [{sites[:200]}{'...' if len(sites) > 200 else ''}]")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import TorchMergeError
 
@@ -32,6 +33,11 @@ def check_task_ids(task, num_tasks: int, batch: int | None = None, where: str = 
         raise TorchMergeError(f"task ids must be an int or a 1-D LongTensor [batch], got {got}{where}")
     if batch is not None and task.shape[0] != batch:
         raise TorchMergeError(f"task ids have {task.shape[0]} entries but the batch has {batch}{where}")
+    if task.numel():
+        low, high = (int(v) for v in torch.aminmax(task))
+        if low < 0 or high >= num_tasks:
+            raise TorchMergeError(f"task ids must lie in [0, {num_tasks - 1}], got ids from {low} to "
+                                  f"{high}{where}")
 
 
 def _broadcast_rows(table: torch.Tensor, task, ndim: int, axis: int) -> torch.Tensor:
@@ -59,6 +65,7 @@ class TaskAffine(nn.Module):
         super().__init__()
         self.channel_axis = channel_axis
         self.site_node = None  # name of the fx node this site follows (set by the rewriter)
+        self.site_module = None  # path of the module whose output it corrects (set by inject)
         self.norm_path = None  # path of an absorbed BatchNorm (set by absorb_norm)
         self.fuse = True
         object.__setattr__(self, "_norm", None)  # a reference, not a submodule: it lives elsewhere
@@ -126,6 +133,50 @@ class ChannelAffine(nn.Module):
     def forward(self, x):
         return torch.addcmul(_broadcast_rows(self.shift[None], 0, x.dim(), self.channel_axis), x,
                              _broadcast_rows(self.scale[None], 0, x.dim(), self.channel_axis))
+
+
+def stitch_rows(parts, batch: int):
+    """Reassemble per-task outputs in batch order: ``parts`` is ``[(rows, output), ...]``.
+
+    Outputs may be tensors or any pytree of them (tuples, dicts, Hugging Face ``ModelOutput``);
+    every tensor leaf must have the batch axis first, other leaves must be equal across parts.
+
+    >>> rows = [torch.tensor([0, 2]), torch.tensor([1])]
+    >>> stitch_rows([(rows[0], torch.tensor([10, 30])), (rows[1], torch.tensor([20]))], 3).tolist()
+    [10, 20, 30]
+    """
+    flat = [pytree.tree_flatten(out) for _, out in parts]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat[1:]):
+        raise TorchMergeError("a mixed-task batch gave outputs of different structure per task; run "
+                              "one task per call (model.set_task)")
+    leaves = [_stitch_leaf([leaf[i] for leaf, _ in flat], [rows for rows, _ in parts], batch, i)
+              for i in range(len(flat[0][0]))]
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _stitch_leaf(values, rows, batch, i):
+    first = values[0]
+    if not isinstance(first, torch.Tensor):
+        scalar = isinstance(first, (bool, int, float, str, type(None)))
+        if all(v is first or (scalar and type(v) is type(first) and v == first) for v in values):
+            return first
+        raise TorchMergeError(f"a mixed-task batch gave output element {i} of type {type(first).__name__}, "
+                              "which differs per task and cannot be put back in batch order; run one task "
+                              "per call (model.set_task), e.g. with use_cache=False or without labels")
+    sizes = {tuple(v.shape[1:]) for v in values}
+    if len(sizes) > 1:
+        raise TorchMergeError(f"a mixed-task batch needs heads with equal output shapes, got "
+                              f"{[tuple(v.shape) for v in values]}; run tasks with different head sizes "
+                              "separately (model.set_task)")
+    if any(v.dim() == 0 or v.shape[0] != len(r) for v, r in zip(values, rows)):
+        raise TorchMergeError(f"a mixed-task batch gave output element {i} of shapes "
+                              f"{[tuple(v.shape) for v in values]} with no batch axis first (e.g. a loss); "
+                              "run one task per call (model.set_task) or leave out the labels")
+    out = first.new_empty((batch,) + first.shape[1:])
+    for v, r in zip(values, rows):
+        out.index_copy_(0, r.to(out.device), v)
+    return out
 
 
 class TaskHeads(nn.Module):

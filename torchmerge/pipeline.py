@@ -8,23 +8,27 @@ import torch
 from torch import nn
 
 from . import methods as merge_methods
+from . import guards, validate
 from .align import align_many
+from .batches import Inputs
+from .correct import fit_affines
 from .discover import discover
-from .correct import MODES, calibrate
-from .errors import TorchMergeError
-from .merged import MergedModel
+from .errors import ShapeError, TorchMergeError, TraceError
+from .inject import SiteHook, build_injected
+from .merged import GraphMergedModel, MergedModel
 from .rewrite import build_graph, head_modules
-from .spec import permute
-from .stats import iter_inputs, layer_input_grams
+from .spec import PermutationSpec, permute
+from .stats import layer_input_grams
 from .task_weights import TaskWeights
 
-CORRECTIONS = (None, *MODES)
+CORRECTIONS = validate.CORRECTIONS
+BUILDS = validate.BUILDS
 
 
 def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, align="weight",
           correction="affine", heads="auto", sites="layer", example_inputs=None, task_names=None,
           leaf_modules=(), concrete_args=None, max_batches=None, allow_uncorrected=False,
-          calibration=None, seed: int = 0, **method_kwargs) -> MergedModel:
+          calibration=None, build: str = "auto", seed: int = 0, **method_kwargs) -> MergedModel:
     """Merge ``experts`` into one task-conditioned :class:`MergedModel`.
 
     ``experts``: modules of one architecture (task heads may differ in size). ``base``: None, one
@@ -38,7 +42,11 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     (e.g. ``lam=0.4``, ``k=0.2``, ``width=1.5``). ``calibration``: keyword options of
     :func:`torchmerge.calibrate` (``passes``, ``tune_steps``...). ``heads``: "auto" (the modules
     feeding the output), a list of module paths, or a predicate ``(path, module) -> bool``.
-    ``sites``: "layer", "block" or a predicate ``(fx node, module or None) -> bool``.
+    ``sites``: "layer", "block", a list of module paths, or a predicate ``(where, module) -> bool``
+    (``where``: the fx node in the graph build, the module path in the injected build).
+    ``build``: "graph" (the fx-rewritten reference expert), "inject" (a copy of the reference
+    expert, of its own class, with task modules injected: for models torch.fx cannot trace, e.g.
+    Hugging Face transformers), or "auto" (graph when torch.fx traces the reference, else inject).
 
     >>> import torch, torchmerge as tm
     >>> experts = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -48,79 +56,118 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     >>> merged(torch.randn(5, 4), task=torch.tensor([0, 1, 1, 0, 1])).shape
     torch.Size([5, 3])
     """
-    experts = _check_experts(experts)
-    data = _check_data(data, len(experts), method, align, correction, allow_uncorrected)
-    if correction not in CORRECTIONS:
-        raise TorchMergeError(f"unknown correction {correction!r}; valid: {CORRECTIONS}")
-    if method == "pleas" and correction is not None:
-        raise TorchMergeError("method='pleas' may widen layers, so merged channels no longer match "
-                              "the experts' one to one and the affine correction does not apply; its "
-                              "least squares already fit each expert's outputs: pass correction=None")
-    if method != "pleas":
-        merge_methods.hyperparameters(method)  # unknown method names fail before any work
-    if task_names is not None and len(task_names) != len(experts):
-        raise TorchMergeError(f"{len(task_names)} task names for {len(experts)} experts")
-    if example_inputs is None:
-        if data is None or data[0] is None:
-            raise TorchMergeError("pass example_inputs=<one batch> or data=[batches per task] so the "
-                                  "experts can be traced")
-        example_inputs = next(iter(iter_inputs(data[0], max_batches=1)))
+    experts, data, example = validate.merge_arguments(
+        experts, method, base, data, align=align, correction=correction, heads=heads, sites=sites,
+        example_inputs=example_inputs, task_names=task_names, leaf_modules=leaf_modules,
+        concrete_args=concrete_args, max_batches=max_batches, allow_uncorrected=allow_uncorrected,
+        calibration=calibration, build=build, seed=seed, method_kwargs=method_kwargs)
     reference = experts[0]
-    spec = discover(reference, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    spec = PermutationSpec(groups={}, axes={})  # nothing to align: discovery only when needed
+    if align is not None or heads == "auto" or method == "pleas":
+        spec = discover(reference, _traceable(example), leaf_modules=leaf_modules,
+                        concrete_args=concrete_args)
     head_paths = head_modules(reference, spec, heads)
+    names = task_names or [f"task{i}" for i in range(len(experts))]
+    build = _Build(build, example, sites, head_paths, names, leaf_modules, concrete_args)
 
     if method == "pleas":
-        body, result_info, weights, aligned = _pleas(experts, spec, data, head_paths, example_inputs,
-                                                     sites, leaf_modules, concrete_args, max_batches,
-                                                     seed, method_kwargs)
+        merged, result_info, aligned = _pleas(experts, spec, data, build, max_batches, seed, method_kwargs)
     else:
-        body, result_info, weights, aligned = _aligned_merge(
-            experts, spec, base, data, align, method, head_paths, example_inputs, sites, leaf_modules,
-            concrete_args, max_batches, seed, method_kwargs)
-    names = task_names or [f"task{i}" for i in range(len(experts))]
-    merged = MergedModel(body, names, weights).to(_device(reference))
-    merged.trace_options = {"leaf_modules": leaf_modules, "concrete_args": concrete_args}
+        merged, result_info, aligned = _aligned_merge(experts, spec, base, data, align, method, build,
+                                                      max_batches, seed, method_kwargs)
+    merged = guards.strip_hooks(merged.to(_device(reference)), keep=(SiteHook,))  # not the user's hooks
     merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
-                   "merge_info": result_info}
+                   "build": build.used, "merge_info": result_info}
+    if aligned is not None and "perms" in result_info:
+        merged.info["aligned_fingerprints"] = guards.fingerprints(experts, spec, result_info["perms"])
     if correction is not None:
-        calibrate(merged, aligned, data, mode=correction, max_batches=max_batches,
-                  allow_uncorrected=allow_uncorrected, **(calibration or {}))
+        fit_affines(merged, aligned, data, mode=correction, max_batches=max_batches,
+                    allow_uncorrected=allow_uncorrected, **(calibration or {}))
     return merged
 
 
-def _aligned_merge(experts, spec, base, data, align, method, head_paths, example_inputs, sites,
-                   leaf_modules, concrete_args, max_batches, seed, method_kwargs):
-    """Align (permutations), merge the shared weights, rewrite: the path of every method but PLeaS."""
+def _traceable(example: Inputs):
+    """What torch.fx tracing takes: the positional tensors (keywords: the Inputs themselves)."""
+    return example if example.kwargs else example.args
+
+
+class _Build:
+    """Builds the merged model from merged weights, by fx rewriting or by injection."""
+
+    def __init__(self, mode, example, sites, head_paths, task_names, leaf_modules, concrete_args):
+        self.mode, self.example, self.sites, self.head_paths = mode, example, sites, head_paths
+        self.task_names, self.leaf_modules, self.concrete_args = task_names, leaf_modules, concrete_args
+        self.used = None
+
+    def __call__(self, template, state, heads_per_task, weights=None, experts=None) -> MergedModel:
+        body = self._graph(template, state, heads_per_task)
+        if body is not None:
+            merged = GraphMergedModel(body, self.task_names, weights)
+            merged.trace_options = {"leaf_modules": self.leaf_modules, "concrete_args": self.concrete_args}
+            self.used = "graph"
+            return merged
+        self.used = "inject"
+        return build_injected(template, state, heads_per_task, self.head_paths, self.sites, self.example,
+                              self.task_names, weights, experts)
+
+    def _graph(self, template, state, heads_per_task):
+        """The fx body, or None where the injected build is to be used."""
+        if self.mode == "inject":
+            return None
+        if self.example.kwargs:
+            if self.mode == "graph":
+                raise TorchMergeError(f"build='graph' traces positional tensors, but the example call has "
+                                      f"keyword arguments {sorted(self.example.kwargs)}; pass build='inject' "
+                                      "(or 'auto')")
+            return None
+        try:
+            return build_graph(template, self.example.args, state, heads_per_task, self.head_paths,
+                               self.sites, self.leaf_modules, self.concrete_args)
+        except (TraceError, ShapeError):
+            if self.mode == "graph":
+                raise
+            return None
+
+
+def _aligned_merge(experts, spec, base, data, align, method, build, max_batches, seed, method_kwargs):
+    """Align (permutations), merge the shared weights, build: the path of every method but PLeaS."""
+    head_paths = build.head_paths
     bases = _bases(base, len(experts))
     perms = [spec.identity_perms()] * len(experts)
     if align is not None:
         align_data = None if align == "weight" else _union(data, max_batches)
         perms = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed)
-    aligned = [permute(e, spec, p) for e, p in zip(experts, perms)]
-    aligned_bases = None if bases is None else [permute(b, spec, p) for b, p in zip(bases, perms)]
+    aligned = [_permuted(e, spec, p) for e, p in zip(experts, perms)]
+    aligned_bases = None if bases is None else [_permuted(b, spec, p) for b, p in zip(bases, perms)]
     shared = [_weights(e, head_paths) for e in aligned]
     base_states = _base_states(aligned_bases, bases, head_paths)
     stats = _method_stats(method, aligned, data, max_batches, head_paths)
     result = merge_methods.merge_states(method, shared, base_states, stats, **method_kwargs)
     result.state.update(_averaged_buffers(aligned, head_paths))
     heads_per_task = [{p: e.get_submodule(p) for p in head_paths} for e in aligned]
-    body = build_graph(aligned[0], example_inputs, result.state, heads_per_task, head_paths, sites,
-                       leaf_modules, concrete_args)
     weights = TaskWeights.from_result(result) if result.masks else None
-    return body, {**result.info, "perms": perms}, weights, aligned
+    merged = build(aligned[0], result.state, heads_per_task, weights, aligned)
+    return merged, {**result.info, "perms": perms}, aligned
 
 
-def _pleas(experts, spec, data, head_paths, example_inputs, sites, leaf_modules, concrete_args,
-           max_batches, seed, method_kwargs):
+def _permuted(model: nn.Module, spec, perms) -> nn.Module:
+    """``permute`` — or the model itself under identity permutations (read, never written: one
+    model copy fewer, which matters for large experts)."""
+    if all(torch.equal(p, torch.arange(len(p))) for p in perms.values()):
+        return model
+    return permute(model, spec, perms)
+
+
+def _pleas(experts, spec, data, build, max_batches, seed, method_kwargs):
     """PLeaS matches units itself (partial, possibly wider) and fits layers by least squares."""
+    head_paths = build.head_paths
     head_params = [n for n, _ in experts[0].named_parameters() if _under(n, head_paths)]
     result = merge_methods.pleas(experts, spec, data, heads=head_params, max_batches=max_batches,
                                  seed=seed, **method_kwargs)
     heads_per_task = [{p: _with_tensors(result.model.get_submodule(p), p, state) for p in head_paths}
                       for state in result.heads]
-    body = build_graph(result.model, example_inputs, _shared_state(result.model, head_paths),
-                       heads_per_task, head_paths, sites, leaf_modules, concrete_args)
-    return body, {**result.info, "widths": result.widths, "sources": result.sources}, None, None
+    merged = build(result.model, _shared_state(result.model, head_paths), heads_per_task, None, experts)
+    return merged, {**result.info, "widths": result.widths, "sources": result.sources}, None
 
 
 def _with_tensors(module: nn.Module, path: str, state: dict) -> nn.Module:
@@ -134,34 +181,6 @@ def _with_tensors(module: nn.Module, path: str, state: dict) -> nn.Module:
     if isinstance(out, nn.Linear):
         out.out_features, out.in_features = out.weight.shape
     return out
-
-
-def _check_experts(experts) -> list:
-    experts = list(experts) if not isinstance(experts, nn.Module) else None
-    if not experts or not all(isinstance(e, nn.Module) for e in experts):
-        raise TorchMergeError("experts must be a non-empty list of torch.nn.Module")
-    kinds = {type(e).__name__ for e in experts}
-    if len(kinds) > 1:
-        raise TorchMergeError(f"experts must share one architecture, got classes {sorted(kinds)}")
-    return experts
-
-
-def _check_data(data, n, method, align, correction, allow_uncorrected):
-    data_driven = method in ("regmean", "fisher", "mats", "pleas")
-    needs = align == "activation" or data_driven or (correction is not None and not allow_uncorrected)
-    if data is None:
-        if needs:
-            why = [w for w, c in (("align='activation'", align == "activation"),
-                                  (f"method={method!r}", data_driven),
-                                  (f"correction={correction!r}", correction is not None)) if c]
-            raise TorchMergeError(f"{' and '.join(why)} need data=[one iterable of batches per task]; "
-                                  "or pass correction=None (and a data-free method) to merge without data")
-        return None
-    data = list(data)
-    if len(data) != n:
-        raise TorchMergeError(f"data has {len(data)} entries for {n} experts: give one iterable of "
-                              "batches per task (None for a task without data)")
-    return data
 
 
 def _bases(base, n):

@@ -7,8 +7,8 @@
   :func:`into_module` carries it into a copy of an expert, an instance of the user's own class.
 
 Sites: ``"layer"`` (default) — after each Linear/Conv, or after the norm that directly follows it,
-before the activation; ``"block"`` — after each residual add; or a callable
-``(node, module_or_None) -> bool`` choosing nodes.
+before the activation; ``"block"`` — after each residual add; a list of module paths (after
+each call of those modules); or a callable ``(node, module_or_None) -> bool`` choosing nodes.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 from .errors import TorchMergeError
 from .modules import ChannelAffine, TaskAffine, TaskHeads
 from .trace import trace
+from .guards import strip_hooks
 
 LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -61,8 +62,8 @@ def _add_task_input(gm: fx.GraphModule) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if any(p.target == TASK for p in placeholders):
         raise TorchMergeError(f"the model's forward already has an argument named {TASK!r}")
-    with gm.graph.inserting_after(placeholders[-1]):
-        return gm.graph.placeholder(TASK)
+    with gm.graph.inserting_after(placeholders[-1]):  # a default: it may follow defaulted arguments
+        return gm.graph.placeholder(TASK, default_value=None)
 
 
 def _replace_head(gm: fx.GraphModule, path: str, modules: list, task: fx.Node) -> None:
@@ -107,8 +108,11 @@ def select_sites(gm: fx.GraphModule, sites, head_paths) -> list:
                 keep = False
         elif sites == "block":
             keep = node.op == "call_function" and node.target in ADDS and _is_tensor(node)
+        elif isinstance(sites, (list, tuple)) and all(isinstance(s, str) for s in sites):
+            keep = node.op == "call_module" and node.target in sites
         else:
-            raise TorchMergeError(f"sites must be 'layer', 'block' or a callable, got {sites!r}")
+            raise TorchMergeError(f"sites must be 'layer', 'block', a callable or a list of module "
+                                  f"paths, got {sites!r}")
         if keep and _is_tensor(node):
             chosen.append(node)
     return chosen
@@ -219,7 +223,7 @@ def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
         raise TorchMergeError(f"export(like=...): the affines at {left[:3]} follow no foldable layer "
                               "(e.g. sites after a residual add), so no module of the expert's own "
                               "class computes this model; use export() without like= (a GraphModule)")
-    out = copy.deepcopy(like)
+    out = strip_hooks(copy.deepcopy(like))  # the expert's own hooks do not belong in the export
     first = next((v for v in graph.state_dict().values() if v.is_floating_point()), None)
     if first is not None:
         out.to(device=first.device, dtype=first.dtype)
@@ -287,6 +291,10 @@ def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
             w.mul_(scale.view((-1,) + (1,) * (w.dim() - 1)))
             _fold_bias(layer, scale, shift, w.shape[0])
             return True
+        if is_hf_conv1d(layer):  # y = x @ W + b with W [in, out]: scale W's columns
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale).add_(shift)
+            return True
         if isinstance(layer, nn.modules.conv._ConvTransposeNd) and layer.groups == 1:
             w = layer.weight
             w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
@@ -298,6 +306,13 @@ def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
             layer.bias.mul_(scale).add_(shift)
             return True
     return False
+
+
+def is_hf_conv1d(module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear with a transposed ``[in, out]`` weight."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
+        and getattr(module, "bias", None) is not None and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
 
 
 def _fold_bias(layer, scale, shift, channels) -> None:

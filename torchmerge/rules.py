@@ -714,9 +714,56 @@ def apply(c: Ctx):
         unsupported(f"no coupling rule for module type {type(m).__name__}")
     if node.op == "call_function" and node.target in FUNCTION_RULES:
         return FUNCTION_RULES[node.target](c, *node.args, **node.kwargs)
+    if node.op == "call_function":
+        from .aten_rules import rule_for  # the ATen vocabulary of torch.export graphs
+
+        if (c.w.user_leaf_paths or c.w.user_leaf_types) and _in_user_leaf(c):
+            unsupported("marked opaque with leaf_modules")
+        rule = rule_for(node.target)
+        if rule is not None:
+            return rule(c, *node.args, **node.kwargs)
     if node.op == "call_method" and node.target in METHOD_RULES:
         return METHOD_RULES[node.target](c, *node.args, **node.kwargs)
     unsupported(f"no coupling rule for {node.op} {getattr(node.target, '__name__', node.target)}")
+
+
+def weak_nodes(gm: fx.GraphModule, leaf_modules=()) -> list:
+    """Nodes of a symbolically traced graph whose spaces the rules would freeze wholesale (an op
+    without a rule, or a module whose internals stay opaque): torch.export sees inside them."""
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_paths = {m for m in leaf_modules if isinstance(m, str)}
+    weak = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if node.target in leaf_paths or isinstance(m, leaf_types):
+                continue
+            if isinstance(m, nn.MultiheadAttention) or not any(isinstance(m, t) for t, _ in MODULE_RULES):
+                weak.append(node)
+        elif node.op == "call_function" and node.target not in FUNCTION_RULES \
+                and node.meta.get("shape") is not None:
+            weak.append(node)
+        elif node.op == "call_method" and node.target not in METHOD_RULES \
+                and node.meta.get("shape") is not None:
+            weak.append(node)
+    return weak
+
+
+def _in_user_leaf(c: Ctx) -> bool:
+    """torch.export graphs inline every module: a node inside a leaf module is opaque."""
+    stack = c.node.meta.get("nn_module_stack") or {}
+    for value in stack.values():
+        if isinstance(value, tuple) and value[0]:
+            path = value[0]
+            if path in c.w.user_leaf_paths:
+                return True
+            if c.w.user_leaf_types:
+                try:
+                    if isinstance(c.w.model.get_submodule(path), c.w.user_leaf_types):
+                        return True
+                except AttributeError:
+                    continue
+    return False
 
 
 def fx_values(c: Ctx, args) -> list:
@@ -726,8 +773,8 @@ def fx_values(c: Ctx, args) -> list:
 
 
 def _get_attr(c: Ctx, target: str):
-    if not isinstance(c.out_shape, tuple):
-        return None
+    if not isinstance(c.out_shape, tuple) or not c.node.users:
+        return None  # torch.export lists every tensor, used or not: unused ones stay in spec.unused
     try:
         tensor = _lookup(c.w.model, target)
     except AttributeError:
@@ -747,4 +794,4 @@ def _is_user_leaf(c: Ctx, m, path: str) -> bool:
     return path in c.w.user_leaf_paths or isinstance(m, c.w.user_leaf_types)
 
 
-__all__ = ["apply", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["apply", "weak_nodes", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]

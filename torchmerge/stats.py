@@ -35,18 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from .batches import iter_calls
 from .errors import TorchMergeError
 
 __all__ = [
-    "Moments", "Gram", "iter_inputs", "collect", "collect_paired", "default_channel_axis",
-    "CHANNEL_FIRST_MODULES", "INPUT_KEYS", "layer_input_grams", "UNFOLD_CHUNK_BYTES",
+    "Moments", "Gram", "iter_calls", "collect", "collect_paired", "default_channel_axis",
+    "CHANNEL_FIRST_MODULES", "layer_input_grams", "UNFOLD_CHUNK_BYTES",
 ]
 
 #: Modules whose (>= 3-d) inputs and outputs are laid out ``[B, C, *spatial]``.
@@ -56,8 +56,6 @@ CHANNEL_FIRST_MODULES: tuple[type, ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
 )
 
-#: Keys looked up, in this order, to find the model input in a dict batch.
-INPUT_KEYS = ("x", "input", "inputs", "pixel_values", "input_ids")
 
 
 def default_channel_axis(module: nn.Module, tensor: torch.Tensor) -> int:
@@ -135,10 +133,44 @@ def _well_conditioned(block: torch.Tensor, n: int, factor: float) -> bool:
     return bool((t2 <= (t2 - t1 * t1 / n) * factor).all())
 
 
-def _as_rows(x: torch.Tensor, axis: int, what: str) -> torch.Tensor:
-    """``[N, C]`` view (samples × channels) in float64, for the Gram matrices."""
+class Centred(NamedTuple):
+    """A batch of activations as ``[P, C, Q]``, centred on its float64 per-channel ``mean``."""
+
+    v: torch.Tensor
+    mean: torch.Tensor
+    n: int
+
+
+def _centred(x, axis: int, what: str) -> Centred:
+    """``x`` as a ``[P, C, Q]`` view (no transposing copy) centred on its own per-channel mean, in
+    float32 (float64 data stays float64); the mean in float64. A :class:`Centred` passes through."""
+    if isinstance(x, Centred):
+        return x
     axis, _ = _samples(x, axis, what)
-    return x.detach().movedim(axis, -1).reshape(-1, x.shape[axis]).double()
+    v = _channel_view(_work(x), axis)
+    n = v.shape[0] * v.shape[2]
+    mean = _channel_sum(v) / max(n, 1)
+    return Centred(v - mean.to(v.dtype)[None, :, None], mean, n)
+
+
+def _channel_sum(v: torch.Tensor) -> torch.Tensor:
+    """Σ over samples of a ``[P, C, Q]`` view, as float64 ``[C]``: the contiguous Q axis first, then
+    P (float32 partial sums of centred data are exact enough; a strided float64 reduction is ~5x
+    slower)."""
+    return v.sum(2).sum(0).double()
+
+
+def _as_rows(v: torch.Tensor) -> torch.Tensor:
+    """A ``[P, C, Q]`` view as ``[P·Q, C, 1]`` rows, samples in the same (lexicographic) order."""
+    return v.transpose(1, 2).reshape(-1, v.shape[1], 1)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_samples a bᵀ for ``[P, C, Q]`` and ``[P, D, Q]`` views: one matmul (Q = 1) or one batched
+    matmul over P (no transposing copy), float32 products summed into float64."""
+    if a.shape[2] == 1 and b.shape[2] == 1:
+        return (a[:, :, 0].T @ b[:, :, 0]).double()
+    return torch.bmm(a, b.transpose(1, 2)).sum(0).double()
 
 
 def _outer(a: torch.Tensor, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -408,25 +440,25 @@ class Gram(_Streaming):
     def update(self, x: torch.Tensor, channel_axis: int = -1, y: torch.Tensor | None = None,
                y_channel_axis: int | None = None) -> "Gram":
         """Add samples of ``x`` (and of the aligned ``y`` in cross mode). Per batch in float64."""
-        xs = _as_rows(x, channel_axis, "Gram.update(x)")
+        xc, mx, n = _centred(x, channel_axis, "Gram.update(x)")
         if not self.cross:
             if y is not None:
                 raise TorchMergeError("Gram.update: y= given but this Gram was built with cross=False")
-            mx = xs.mean(0)
-            xc = xs - mx
-            self._absorb(xs.shape[0], [mx], [xc.T @ xc])
+            self._absorb(n, [mx], [_cross(xc, xc)])
             return self
         if y is None:
             raise TorchMergeError("Gram.update: cross=True needs y= (the aligned second stream)")
-        ys = _as_rows(y, channel_axis if y_channel_axis is None else y_channel_axis, "Gram.update(y)")
-        if xs.shape[0] != ys.shape[0]:
-            raise TorchMergeError(f"Gram.update: x of shape {tuple(x.shape)} and y of shape "
-                                  f"{tuple(y.shape)} have {xs.shape[0]} vs {ys.shape[0]} samples; "
+        yc, my, ny = _centred(y, channel_axis if y_channel_axis is None else y_channel_axis,
+                              "Gram.update(y)")
+        if n == ny and (xc.shape[0], xc.shape[2]) != (yc.shape[0], yc.shape[2]):
+            xc, yc = _as_rows(xc), _as_rows(yc)  # different layouts, same sample order: as rows
+        if n != ny:
+            raise TorchMergeError(f"Gram.update: x of shape {tuple(xc.shape)} ([P, C, Q]) and y of "
+                                  f"shape {tuple(y.shape)} have {n} vs {ny} samples; "
                                   "cross statistics need the same samples in both streams")
-        ys = ys.to(xs.device)
-        mx, my = xs.mean(0), ys.mean(0)
-        xc, yc = xs - mx, ys - my
-        self._absorb(xs.shape[0], [mx, my], [xc.T @ yc, xc.square().sum(0), yc.square().sum(0)])
+        yc = yc.to(xc.device, xc.dtype)
+        squares = [_channel_sum(v.square()) for v in (xc, yc)]
+        self._absorb(n, [mx, my.to(mx.device)], [_cross(xc, yc), *squares])
         return self
 
     @property
@@ -470,51 +502,6 @@ class Gram(_Streaming):
     def __repr__(self) -> str:
         shape = None if self._co is None else tuple(self._co[0].shape)
         return f"Gram(cross={self.cross}, count={self._n}, shape={shape})"
-
-
-# --------------------------------------------------------------------------------------------------
-# Batches
-# --------------------------------------------------------------------------------------------------
-
-def _batch_input(batch: Any, index: int) -> torch.Tensor:
-    """The model input inside one batch (Tensor, (x, y, ...) sequence, or dict)."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-        raise TorchMergeError(f"batch {index} is a dict with keys {sorted(map(str, batch))}; "
-                              f"torchmerge looks for the model input under one of {list(INPUT_KEYS)}")
-    what = type(batch).__name__
-    if isinstance(batch, (tuple, list)):
-        what += " whose first element is " + (type(batch[0]).__name__ if batch else "missing")
-    raise TorchMergeError(f"batch {index} is a {what}; expected a Tensor, an (inputs, targets) "
-                          f"tuple/list with a Tensor first, or a dict with one of keys {list(INPUT_KEYS)}")
-
-
-def iter_inputs(batches: Iterable[Any], max_batches: int | None = None,
-                device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
-    """Yield the model input of each batch, moved to ``device`` (unchanged when ``None``).
-
-    A single Tensor or dict is taken as one batch (not iterated row by row).
-
-    >>> data = [torch.ones(2, 3), (torch.zeros(2, 3), torch.tensor([0, 1])), {"pixel_values": torch.ones(1, 3)}]
-    >>> [tuple(x.shape) for x in iter_inputs(data, max_batches=2)]
-    [(2, 3), (2, 3)]
-    """
-    if isinstance(batches, (torch.Tensor, Mapping)):
-        batches = [batches]
-    if not isinstance(batches, Iterable):
-        raise TorchMergeError(f"batches is a {type(batches).__name__}; expected an iterable of batches "
-                              "(a DataLoader, a list of Tensors, of (x, y) tuples or of dicts)")
-    for index, batch in enumerate(batches):
-        if max_batches is not None and index >= max_batches:
-            return
-        x = _batch_input(batch, index)
-        yield x.to(device) if device is not None else x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -666,8 +653,8 @@ def collect(model: nn.Module, targets: Any, batches: Iterable[Any], stat: Any = 
 
     device = device if device is not None else _device_of(model)
     with _hooked(modules, where, hook), _mode([model], train_mode):
-        for x in _progress(iter_inputs(batches, max_batches, device), progress, batches, max_batches):
-            model(x)
+        for inputs in _progress(iter_calls(batches, max_batches, device), progress, batches, max_batches):
+            inputs(model)
     return _finish(stats)
 
 
@@ -685,6 +672,9 @@ def collect_paired(model_a: nn.Module, model_b: nn.Module, targets_a: Any, targe
                    progress: bool = False, train_mode: bool = False) -> dict[str, Gram]:
     """Cross statistics (:class:`Gram` with ``cross=True``) between corresponding sites of two models.
 
+    ``model_b`` may be a list of models: model A then runs once per batch for all of them, and a
+    list of result dicts (one per model B) is returned.
+
     ``targets_a``/``targets_b`` are resolved like :func:`collect`'s ``targets`` and paired in order
     (``targets_b=None``: the same names in ``model_b``). Results are keyed by ``targets_a``'s names;
     ``x`` is model A's activation, ``y`` model B's. Each model gets the inputs on its own device.
@@ -696,38 +686,67 @@ def collect_paired(model_a: nn.Module, model_b: nn.Module, targets_a: Any, targe
     torch.Size([5, 3])
     """
     mods_a = _resolve_targets(model_a, targets_a)
-    mods_b = _resolve_targets(model_b, list(mods_a) if targets_b is None else targets_b)
-    if len(mods_a) != len(mods_b):
-        raise TorchMergeError(f"collect_paired: {len(mods_a)} targets in model_a but {len(mods_b)} "
-                              f"in model_b ({list(mods_a)} vs {list(mods_b)})")
+    many = isinstance(model_b, (list, tuple))
+    models_b = list(model_b) if many else [model_b]
+    mods_bs = [_resolve_targets(m, list(mods_a) if targets_b is None else targets_b) for m in models_b]
+    for mods_b in mods_bs:
+        if len(mods_a) != len(mods_b):
+            raise TorchMergeError(f"collect_paired: {len(mods_a)} targets in model_a but {len(mods_b)} "
+                                  f"in model_b ({list(mods_a)} vs {list(mods_b)})")
     _check_axis_keys(channel_axis, mods_a)
-    b_to_a = dict(zip(mods_b, mods_a))
-    stats = {name: Gram(cross=True) for name in mods_a}
-    pending: dict[str, deque] = {name: deque() for name in mods_a}
+    stats = [{name: Gram(cross=True) for name in mods_a} for _ in models_b]
+    pending: dict[str, list] = {name: [] for name in mods_a}  # this batch's model-A activations
+    used: dict[str, int] = {}  # how many of them the running model B has consumed
+
+    running_a = [False]  # model A may also be a model B (the same module): record only its own run
 
     def hook_a(name: str, module: nn.Module, x: torch.Tensor) -> None:
-        # clone: a later in-place op in model A (ReLU(inplace=True)) would overwrite this activation
-        pending[name].append((x.detach().clone(), _axis_for(name, module, x, channel_axis)))
+        # centred at once: a new tensor, so a later in-place op in model A (ReLU(inplace=True))
+        # cannot overwrite it, and no extra copy is kept
+        if running_a[0]:
+            axis = _axis_for(name, module, x, channel_axis)
+            pending[name].append((_centred(x, axis, "collect_paired (model_a)"), axis))
 
-    def hook_b(name_b: str, module: nn.Module, y: torch.Tensor) -> None:
-        name = b_to_a[name_b]
-        if not pending[name]:
+    def hook_b(k: int, name: str, name_b: str, module: nn.Module, y: torch.Tensor) -> None:
+        if running_a[0]:
+            return  # the same module is hooked for A too: this is A's run
+        i = used.get(name, 0)
+        if i >= len(pending[name]):
             raise TorchMergeError(f"collect_paired: module {name_b!r} of model_b ran more often than "
                                   f"{name!r} of model_a (output shape {tuple(y.shape)})")
-        x, axis = pending[name].popleft()
-        stats[name].update(x, axis, y=y, y_channel_axis=_axis_for(name, module, y, channel_axis))
+        used[name] = i + 1
+        x, axis = pending[name][i]
+        stats[k][name].update(x, axis, y=y, y_channel_axis=_axis_for(name, module, y, channel_axis))
 
-    dev_a, dev_b = _device_of(model_a), _device_of(model_b)
-    with _hooked(mods_a, where, hook_a), _hooked(mods_b, where, hook_b), _mode([model_a, model_b], train_mode):
-        for x in _progress(iter_inputs(batches, max_batches), progress, batches, max_batches):
-            model_a(x.to(dev_a) if dev_a is not None else x)
-            model_b(x.to(dev_b) if dev_b is not None else x)
-            _check_drained(pending)
-    return _finish(stats)
+    hooks = [_hooked(mods_b, where, _for_model(hook_b, k, dict(zip(mods_b, mods_a))))
+             for k, mods_b in enumerate(mods_bs)]
+    devices = [_device_of(m) for m in models_b]
+    with _hooked(mods_a, where, hook_a), contextlib.ExitStack() as stack, \
+            _mode([model_a, *models_b], train_mode):
+        for h in hooks:
+            stack.enter_context(h)
+        for inputs in _progress(iter_calls(batches, max_batches), progress, batches, max_batches):
+            running_a[0] = True
+            try:
+                inputs.to(_device_of(model_a))(model_a)  # once, however many models B
+            finally:
+                running_a[0] = False
+            for model, dev in zip(models_b, devices):
+                used.clear()
+                inputs.to(dev)(model)
+                _check_drained(pending, used)
+            for q in pending.values():
+                q.clear()
+    done = [_finish(st) for st in stats]
+    return done if many else done[0]
 
 
-def _check_drained(pending: dict[str, deque]) -> None:
-    left = {name: len(q) for name, q in pending.items() if q}
+def _for_model(hook_b, k: int, b_to_a: dict):
+    return lambda name_b, module, y: hook_b(k, b_to_a[name_b], name_b, module, y)
+
+
+def _check_drained(pending: dict[str, list], used: dict[str, int]) -> None:
+    left = {name: len(q) - used.get(name, 0) for name, q in pending.items() if len(q) > used.get(name, 0)}
     if left:
         for q in pending.values():
             q.clear()
@@ -899,8 +918,8 @@ def layer_input_grams(model: nn.Module, batches: Iterable[Any], *, max_batches: 
 
     device = device if device is not None else dev
     with _hooked(modules, "input", hook), _mode([model], False):
-        for x in _progress(iter_inputs(batches, max_batches, device), progress, batches, max_batches):
-            model(x)
+        for inputs in _progress(iter_calls(batches, max_batches, device), progress, batches, max_batches):
+            inputs(model)
     if _dist_ready():
         _all_reduce_grams(modules, sites, accs, counts)
     out: dict[str, torch.Tensor] = {}

@@ -27,31 +27,43 @@ taken from the first expert. Keys or shapes that differ between experts raise
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ShapeError, TorchMergeError
+from ..errors import ArgumentError, ArgumentTypeError, ShapeError, TorchMergeError
 
 __all__ = ["MergeResult", "task_vectors", "pack_masks", "unpack_mask"]
 
 
 # ----------------------------------------------------------------------------- validation helpers
+def _real(name: str, value) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name}={value!r} is a {type(value).__name__}; pass a number")
+    if not math.isfinite(value):
+        raise ArgumentError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
 def check_fraction(name: str, value, *, closed_low: bool = False, closed_high: bool = True) -> float:
     """``value`` must be a number in (0, 1] (or [0, 1) etc. as given); else TorchMergeError."""
-    lo_ok = value >= 0 if closed_low else value > 0
-    hi_ok = value <= 1 if closed_high else value < 1
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo_ok and hi_ok):
+    number = _real(name, value)
+    lo_ok = number >= 0 if closed_low else number > 0
+    hi_ok = number <= 1 if closed_high else number < 1
+    if not (lo_ok and hi_ok):
         interval = ("[" if closed_low else "(") + "0, 1" + ("]" if closed_high else ")")
-        raise TorchMergeError(f"{name}={value!r} must be a number in {interval}")
-    return float(value)
+        raise ArgumentError(f"{name}={value!r} must be a number in {interval}")
+    return number
 
 
 def check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise TorchMergeError(f"{name}={value!r} must be a non-negative number")
-    return float(value)
+    number = _real(name, value)
+    if not number >= 0:
+        raise ArgumentError(f"{name}={value!r} must be a non-negative number")
+    return number
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -78,7 +78,7 @@ from torch import nn
 from ..align import _activation_scorers, _Matcher, _shared_states
 from ..errors import TorchMergeError
 from ..spec import PermutationSpec
-from ..stats import iter_inputs
+from ..batches import iter_calls
 from ..trace import eval_mode, trace
 from .mats import conjugate_gradient
 
@@ -179,7 +179,7 @@ def _check(experts, spec, data, width, heads, ridge, max_batches, seed, max_dire
     inputs = []
     for t, d in enumerate(data):
         try:
-            xs = list(iter_inputs(d, max_batches))
+            xs = list(iter_calls(d, max_batches))
         except TorchMergeError as err:
             raise TorchMergeError(f"pleas: data[{t}]: {err}") from err
         if not xs:
@@ -361,7 +361,7 @@ def _assemble(experts, spec, sources, head_params=()):
 def _check_forward(merged, expert, x, sources, spec):
     try:
         with torch.no_grad():
-            y, y0 = merged(x.to(_device(merged))), expert(x.to(_device(expert)))
+            y, y0 = x.to(_device(merged))(merged), x.to(_device(expert))(expert)
     except Exception as err:
         wide = [g for g, s in sources.items() if s.shape[1] != spec.groups[g].size]
         raise TorchMergeError(f"pleas: the widened model's forward failed ({type(err).__name__}: {err}); "
@@ -415,13 +415,13 @@ def _layers(model, x, head_params):
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(x.to(_device(model)))
+            x.to(_device(model))(model)
     finally:
         for h in hooks:
             h.remove()
     pairs, note = {}, "execution order"
     try:
-        gm = trace(model, (x.to(_device(model)),))
+        gm = trace(model, x.to(_device(model)).clone().args)  # tracing runs the model: on a copy
         for n in gm.graph.nodes:
             users = list(n.users)
             if n.op == "call_module" and len(users) == 1 and users[0].op == "call_module":
@@ -463,11 +463,11 @@ def _grab(model, path, x, where):
          else mod.register_forward_hook(lambda _m, _a, o: keep(o)))
     try:
         with torch.no_grad(), contextlib.suppress(_Stop):  # the hook ends the pass early
-            model(x.to(_device(model)))
+            x.to(_device(model))(model)
     finally:
         h.remove()
     if not box:
-        raise TorchMergeError(f"pleas: module {path!r} did not run on a batch of shape {tuple(x.shape)}")
+        raise TorchMergeError(f"pleas: module {path!r} did not run on a batch ({x.describe()})")
     return box[0]
 
 

