@@ -156,9 +156,9 @@ CASES = [
     # Reported frozen: pos's token axis (max_len 8), sliced to the sequence length.
     _case("tied_lm", TiedLM, _ids(20, 6), [16, 32, 32], frozen=(8,)),
     # stream 16 (embed, LNs, MHA in/out embedding axis, fc2); mlp hidden 32. nn.MultiheadAttention
-    # is captured by torch.export (symbolic tracing keeps it opaque): heads 2 x within-head 8, q/k/v
-    # sharing them (the packed q/k/v index of in_proj is frozen and reported).
-    _case("mha_block", MHABlockNet, _tensor(5, 6), [16, 32, 2, 8], frozen=None),
+    # has a module rule (symbolic tracing): in_proj rows are cat(q, k, v), each heads 2 x dims 8;
+    # q and k share their dims (8), v has its own (8, shared with out_proj's input); nothing frozen.
+    _case("mha_block", MHABlockNet, _tensor(5, 6), [16, 32, 2, 8, 8], frozen=None),
     # stream 16; groups=3 conv on width 12: conv-group index 3 (shared by its input and output),
     # conv_a per-group 4, conv_b per-group 4.
     _case("resnext", ResNeXt, _images(3, 8), [16, 3, 4, 4]),

@@ -243,14 +243,18 @@ def test_model_copy_is_equivalent_to_original():
 
 
 def test_mha_internals_discovered():
-    """nn.MultiheadAttention (opaque to symbolic tracing) is captured by torch.export: heads and
-    within-head dims permute, only the packed q/k/v index is frozen (and reported); its embedding
-    axis and out_proj output join the residual stream."""
+    """nn.MultiheadAttention is captured by symbolic tracing with its own rule: heads and within-head
+    dims permute (q/k share dims, v has its own), nothing inside it is frozen; its embedding axis
+    and out_proj output join the residual stream."""
+    from torchmerge.trace import capture
     model, spec = discovered(BY_NAME["mha_block"])
-    frozen = [f for f in notable_frozen(spec) if f.module_path == "mha"]
-    assert frozen and all(f.size == 3 for f in frozen), spec
+    assert capture(model, BY_NAME["mha_block"].make_input()).meta["capture"] == "fx"
+    assert not [f for f in notable_frozen(spec) if f.module_path == "mha"], spec
     heads = [g for g in spec.groups.values() if ("mha.out_proj.weight", 1) in g.members]
-    assert sorted(g.size for g in heads) == [2, 8], spec
+    assert sorted(g.size for g in heads) == [2, 8], spec   # heads, v dims
+    qk = [g for g in spec.groups.values() if ("mha.in_proj_weight", 0) in g.members
+          and ("mha.out_proj.weight", 1) not in g.members]
+    assert [g.size for g in qk] == [8], spec                # q/k dims
     stream = next(g for g in spec.groups.values() if g.size == 16)
     names = {m for m in stream.members}
     assert ("mha.in_proj_weight", 1) in names and ("mha.out_proj.weight", 0) in names, stream.members

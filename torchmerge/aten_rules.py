@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import rules as R
-from .coupling import Ctx, unsupported
+from .coupling import Ctx
 from .layout import Cat, Prod
 
 aten = torch.ops.aten
@@ -135,6 +135,19 @@ def slice_term(c: Ctx, term, lo: int, hi: int):
 _DROPPED = "dropped by a slice (other input shapes may use it)"
 
 
+def _index(c: Ctx, x, indices):
+    """aten.index.Tensor: see :func:`torchmerge.rules.index_core`."""
+    return R.index_core(c, R._tensor_arg(c, x), list(indices))
+
+
+def _index_select(c: Ctx, x, dim, index):
+    X = list(R._tensor_arg(c, x))
+    d = R._dim(dim, len(X))
+    c.freeze([X[d]], "tensor index reads these positions by value")
+    X[d] = R._tensor_arg(c, index)[0]
+    return X
+
+
 def _split_with_sizes(c: Ctx, x, sizes, dim=0):
     return R.split(c, x, sizes, dim)
 
@@ -146,14 +159,6 @@ def _topk(c: Ctx, x, k, dim=-1, *a, **kw):
 def _flip(c: Ctx, x, dims):
     X = R._tensor_arg(c, x)
     c.freeze([X[R._dim(d, len(X))] for d in dims], "flip reverses the order along this axis")
-    return X
-
-
-def _roll(c: Ctx, x, shifts, dims=()):
-    X = R._tensor_arg(c, x)
-    if not dims:
-        unsupported("roll over the flattened tensor")
-    c.freeze([X[R._dim(d, len(X))] for d in dims], "roll shifts indices along this axis")
     return X
 
 
@@ -277,10 +282,11 @@ _NAMED = {
     "addmm": _addmm, "baddbmm": _addmm, "einsum": _einsum, "scaled_dot_product_attention": _sdpa,
     "permute": R.permute, "transpose": R.transpose, "t": R.transpose, "swapaxes": R.transpose,
     "movedim": R.movedim, "expand": R.expand, "expand_as": R.expand, "select": _select,
-    "slice": _slice, "cat": R.cat, "concat": R.cat, "stack": R.stack, "split": R.split,
+    "slice": _slice, "index": _index, "index_select": _index_select, "cat": R.cat, "concat": R.cat,
+    "stack": R.stack, "split": R.split,
     "split_with_sizes": _split_with_sizes, "chunk": R.split, "tensor_split": R.split, "unbind": R.unbind,
     "max": _max_dim, "min": _max_dim, "argmax": _arg, "argmin": _arg, "cumsum": R.along_dim_order,
-    "cumprod": R.along_dim_order, "sort": _sort, "topk": _topk, "flip": _flip, "roll": _roll,
+    "cumprod": R.along_dim_order, "sort": _sort, "topk": _topk, "flip": _flip, "roll": R.roll,
     "norm": R.norm, "linalg_vector_norm": R.norm, "constant_pad_nd": R._f_pad, "pad": R._f_pad,
     "pixel_shuffle": _pixel_shuffle, "pixel_unshuffle": _pixel_unshuffle,
     "channel_shuffle": _channel_shuffle, "native_channel_shuffle": _channel_shuffle, "prelu": _prelu,

@@ -47,7 +47,46 @@ def broadcast(c: Ctx, layouts: list, out_shape) -> list:
 
 
 def reshape_layout(c: Ctx, layout: list, in_shape, out_shape) -> list:
-    """Map axes through a reshape by splitting the row-major factor list at the new axis sizes."""
+    """Map axes through a reshape by splitting the row-major factor list at the new axis sizes.
+
+    The axes are first cut into independent segments (runs of input and output axes with equal
+    products: (B, H, W, C) -> (B, H/2, 2, W/2, 2, C) is B | H | W | C); a segment whose factors
+    cannot be matched is frozen alone, so a spatial reshape never freezes the channel axis."""
+    out = []
+    for ins, outs in _segments(tuple(c.spaces.resolve(t).size for t in layout), tuple(out_shape)):
+        seg = _reshape_segment(c, layout[ins], out_shape[outs])
+        if seg is None:
+            c.freeze(layout[ins], "reshape mixes a concatenated space with other axes")
+            seg = [c.fixed(s) for s in out_shape[outs]]
+        out += seg
+    return out
+
+
+def _segments(a: tuple, b: tuple) -> list:
+    """(input slice, output slice) pairs of a reshape from shape ``a`` to shape ``b`` whose sizes
+    multiply to the same number, as fine as possible; one segment when a size is 0."""
+    whole = [(slice(0, len(a)), slice(0, len(b)))]
+    if 0 in a or 0 in b:
+        return whole
+    segs, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        si, sj, pa, pb = i, j, 1, 1
+        if i < len(a):
+            pa, i = a[i], i + 1
+        if j < len(b):
+            pb, j = b[j], j + 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa, i = pa * a[i], i + 1
+            elif pb < pa and j < len(b):
+                pb, j = pb * b[j], j + 1
+            else:
+                return whole
+        segs.append((slice(si, i), slice(sj, j)))
+    return segs
+
+
+def _reshape_segment(c: Ctx, layout: list, out_shape) -> list | None:
     factors = []
     for t in layout:
         r = c.spaces.resolve(t)
@@ -57,7 +96,7 @@ def reshape_layout(c: Ctx, layout: list, in_shape, out_shape) -> list:
         taken, have = [], 1
         while have < size:
             if not factors:
-                return _reshape_give_up(c, layout, out_shape)
+                return None
             f = c.spaces.resolve(factors.pop(0))
             need = size // have
             if size % have == 0 and f.size <= need and need % f.size == 0:
@@ -69,16 +108,11 @@ def reshape_layout(c: Ctx, layout: list, in_shape, out_shape) -> list:
                 factors.insert(0, tail)
                 have *= need
             else:
-                return _reshape_give_up(c, layout, out_shape)
+                return None
         out.append(Prod(tuple(taken)) if len(taken) != 1 else taken[0])
     if factors:
-        return _reshape_give_up(c, layout, out_shape)
+        return None
     return out
-
-
-def _reshape_give_up(c: Ctx, layout, out_shape):
-    c.freeze(layout, "reshape mixes a concatenated space with other axes")
-    return [c.fixed(s) for s in out_shape]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +193,17 @@ def along_dim_order(c: Ctx, x, dim=None, *args, **kwargs):
     return X
 
 
+def roll(c: Ctx, x, shifts=None, dims=None, *args, **kwargs):
+    """torch.roll: the rolled axes are shifted (frozen); others pass through."""
+    X = _tensor_arg(c, x)
+    dims = kwargs.get("dims", dims)
+    if dims is None or dims == () or dims == []:
+        unsupported("roll over the flattened tensor")
+    dims = [dims] if isinstance(dims, int) else dims
+    c.freeze([X[_dim(d, len(X))] for d in dims], "roll shifts indices along this axis")
+    return X
+
+
 # ---------------------------------------------------------------------------------------------
 # axes: reshape, transpose, expand, index
 
@@ -234,6 +279,8 @@ def _consume(c: Ctx, lazy: Lazy):
 
 def _index_tensor(c: Ctx, X: list, idx: tuple):
     if any(hasattr(i, "op") or isinstance(i, (list, torch.Tensor)) for i in idx):
+        if all(isinstance(i, fx.Node) or (isinstance(i, slice) and i == slice(None)) for i in idx):
+            return index_core(c, X, [i if isinstance(i, fx.Node) else None for i in idx])
         unsupported("advanced (tensor) indexing")
     if Ellipsis in idx:
         k = idx.index(Ellipsis)
@@ -247,8 +294,7 @@ def _index_tensor(c: Ctx, X: list, idx: tuple):
         if isinstance(i, slice) and i == slice(None):
             out.append(X[axis])
         elif isinstance(i, slice):
-            c.freeze([X[axis]], "slicing part of a channel space")
-            out.append(None)  # size taken from the output shape below
+            out.append(_slice_piece(c, X[axis], i))  # None: sized from the output shape below
         elif isinstance(i, int):
             c.freeze([X[axis]], "integer index selects fixed channels")
         else:
@@ -257,6 +303,49 @@ def _index_tensor(c: Ctx, X: list, idx: tuple):
     out += X[axis:]
     shape = c.out_shape
     return [t if t is not None else c.fixed(s, "sliced axis") for t, s in zip(out, shape)]
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)  # not bool / uint8: masks
+
+
+def index_core(c: Ctx, X: list, indices: list):
+    """x[i0, i1, ...] with integer index tensors (``None``: a full slice), e.g. a relative-position
+    bias table read at a buffer of indices: the indexed axes are read by value, so they are
+    frozen; the index tensors' broadcast axes replace them (in place when the indexed axes are
+    adjacent, in front otherwise); every other axis passes through."""
+    pos = [i for i, t in enumerate(indices) if t is not None]
+    if not pos:
+        return list(X)
+    for i in pos:
+        dtype = indices[i].meta.get("dtype") or getattr(indices[i].meta.get("val"), "dtype", None)
+        if dtype not in _INDEX_DTYPES:
+            unsupported("indexing with a tensor that is not an integer index")
+    c.freeze([X[i] for i in pos], "tensor index reads these positions by value")
+    shape = torch.broadcast_shapes(*(c.shape(indices[i]) for i in pos))
+    idx = broadcast(c, [_tensor_arg(c, indices[i]) for i in pos], shape)
+    if pos == list(range(pos[0], pos[-1] + 1)):
+        return X[:pos[0]] + idx + X[pos[-1] + 1:]
+    return idx + [X[j] for j in range(len(X)) if j not in pos]
+
+
+def _slice_piece(c: Ctx, term, i: slice):
+    """x[..., lo:hi] on one axis (step 1, integer bounds): the term itself at full width, else the
+    piece of it that aten.slice would keep (a block of a concatenation, or a refined atom); the
+    axis is frozen for a strided slice or one that crosses a product's blocks."""
+    from .aten_rules import slice_term  # circular: aten_rules imports this module
+
+    size = c.spaces.resolve(term).size
+    bounds = (i.start, i.stop, i.step)
+    if all(b is None or isinstance(b, int) for b in bounds):
+        lo, hi, step = i.indices(size)
+        if step == 1 and lo == 0 and hi == size:
+            return term
+        piece = slice_term(c, term, lo, hi) if step == 1 and lo < hi else None
+        if piece is not None:
+            c.w.sliced.append((piece, True, None))
+            return piece
+    c.freeze([term], "slicing part of a channel space")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +446,7 @@ def sdpa(c: Ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *args,
     c.unify(K[-2], V[-2], "key/value sequence axis")
     batch = broadcast(c, [Q[:-2], K[:-2], V[:-2]], c.out_shape[:-2])
     mask = kwargs.get("attn_mask", attn_mask)
-    if mask is not None:
+    if mask is not None and c.val(mask) is not None:  # a placeholder that is None (attn_mask=None) is no mask
         broadcast(c, [batch + [Q[-2], K[-2]], _tensor_arg(c, mask)], c.out_shape[:-1] + (c.shape(k)[-2],))
     return batch + [Q[-2], V[-1]]
 
@@ -514,23 +603,61 @@ def _m_pixel_shuffle(c, m, path, x, *a, **k):
     return X[:ch] + [out_ch] + [c.fixed(s, "spatial axis") for s in c.out_shape[ch + 1:]]
 
 
+def _mha_supported(m) -> bool:
+    return m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
+
+
+_MHA_OPTIONS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
 def _m_mha(c, m, path, query, key, value, *a, **k):
-    """nn.MultiheadAttention: internals frozen, its input and output spaces join their neighbours."""
-    if not m._qkv_same_embed_dim or m.bias_k is not None:
-        unsupported("nn.MultiheadAttention with separate k/v dims or bias_k")
+    """nn.MultiheadAttention: the packed in-projection's rows are (q, k, v) x (heads, head dim);
+    q and k share heads and head dims (q_h . k_h), v shares the heads; out_proj reads (heads, v dim).
+    Key and value share their batch and sequence axes, the query its batch axis."""
+    if not _mha_supported(m):
+        unsupported("nn.MultiheadAttention with separate k/v dims, bias_k or add_zero_attn")
+    opts = {"need_weights": True, "average_attn_weights": True, **dict(zip(_MHA_OPTIONS, a)), **k}
     W_in, b_in = c.module_params(path, ["in_proj_weight", "in_proj_bias"])
     W_out, b_out = c.module_params(f"{path}.out_proj", ["weight", "bias"])
-    Q = _tensor_arg(c, query)
-    for t in (query, key, value):
-        c.unify(_tensor_arg(c, t)[-1], W_in[1], "attention input embedding")
+    Q, K, V = (_tensor_arg(c, t) for t in (query, key, value))
+    for X in (Q, K, V):
+        c.unify(X[-1], W_in[1], "attention input embedding")
+    heads, dim = m.num_heads, m.head_dim
+    H, D_qk, D_v = c.spaces.atom(heads), c.spaces.atom(dim), c.spaces.atom(dim)
+    qk = Prod((H, D_qk))
+    c.unify(W_in[0], Cat((qk, qk, Prod((H, D_v)))), "attention in-projection (q, k, v) x (heads, dims)")
     if b_in is not None:
         c.unify(W_in[0], b_in[0], "attention input bias")
-    c.freeze([W_in[0], W_out[1]], "nn.MultiheadAttention internals (heads)")
+    c.unify(W_out[1], Prod((H, D_v)), "attention output projection (heads, dims)")
     if b_out is not None:
         c.unify(W_out[0], b_out[0], "attention output bias")
+    for x, y in zip(K[:-1], V[:-1]):
+        c.unify(x, y, "key/value batch and sequence axes")
+    batched = len(Q) == 3
+    b = 0 if m.batch_first else 1
+    if batched:
+        c.unify(Q[b], K[b], "attention batch axis")
+    q_seq, k_seq = (Q[1 - b], K[1 - b]) if batched else (Q[0], K[0])
+    mask = opts.get("attn_mask")
+    if mask is not None and c.val(mask) is not None:  # (L, S) or (batch x heads, L, S)
+        M = _tensor_arg(c, mask)
+        c.unify(M[-2], q_seq, "attention mask query axis")
+        c.unify(M[-1], k_seq, "attention mask key axis")
+        if len(M) == 3:
+            c.freeze([M[0], H], "3-D attention mask is indexed by (batch x heads)")
+    padding = opts.get("key_padding_mask")
+    if padding is not None and c.val(padding) is not None:  # (batch, S) or (S,)
+        P = _tensor_arg(c, padding)
+        c.unify(P[-1], k_seq, "key padding mask")
+        if batched and len(P) == 2:
+            c.unify(P[0], Q[b], "key padding mask batch axis")
     out = Q[:-1] + [W_out[0]]
-    weights = c.out_shape[1]
-    return (out, c.fixed_like(weights, "attention weights") if weights else None)
+    if c.out_shape[1] is None:
+        return (out, None)
+    lead = [Q[b]] if batched else []
+    if opts.get("need_weights") and not opts.get("average_attn_weights"):
+        return (out, lead + [H, q_seq, k_seq])
+    return (out, lead + [q_seq, k_seq])
 
 
 ACTIVATIONS = (
@@ -643,7 +770,7 @@ FUNCTION_RULES = {
     torch.norm: norm, torch.linalg.vector_norm: norm, torch.max: max_min, torch.min: max_min,
     torch.argmax: arg_reduction, torch.argmin: arg_reduction,
     torch.cumsum: along_dim_order, torch.cumprod: along_dim_order, torch.sort: along_dim_order,
-    torch.topk: along_dim_order, torch.flip: along_dim_order,
+    torch.topk: along_dim_order, torch.flip: along_dim_order, torch.roll: roll,
     torch.reshape: reshape, torch.flatten: reshape, torch.squeeze: reshape, torch.unsqueeze: reshape,
     torch.unflatten: reshape, torch.transpose: transpose, torch.swapaxes: transpose,
     torch.swapdims: transpose, torch.permute: permute, torch.movedim: movedim, torch.t: transpose,
@@ -663,6 +790,25 @@ FUNCTION_RULES = {
 if hasattr(F, "rms_norm"):
     FUNCTION_RULES[F.rms_norm] = _f_layer_norm
 
+# Functions of optional packages that torch.fx keeps as calls (``torch.fx.wrap``), keyed by
+# (module, name) so that the package need not be imported.
+WRAPPED_RULES = {
+    # input * (per-sample or per-batch Bernoulli noise / survival rate); the input in eval mode
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): passthrough,
+}
+
+
+def function_rule(target):
+    """The rule of a call_function target: a torch function, or a wrapped function of WRAPPED_RULES."""
+    try:
+        rule = FUNCTION_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None
+    if rule is None:
+        rule = WRAPPED_RULES.get((getattr(target, "__module__", None), getattr(target, "__name__", None)))
+    return rule
+
+
 METHOD_RULES = {
     **{m: passthrough for m in (
         "relu", "relu_", "sigmoid", "tanh", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square",
@@ -677,6 +823,7 @@ METHOD_RULES = {
                               "std", "all", "any")},
     "norm": norm, "max": max_min, "min": max_min, "argmax": arg_reduction, "argmin": arg_reduction,
     "cumsum": along_dim_order, "sort": along_dim_order, "topk": along_dim_order, "flip": along_dim_order,
+    "roll": roll,
     **{m: reshape for m in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
                             "view_as", "reshape_as", "squeeze_", "unsqueeze_")},
     "transpose": transpose, "swapaxes": transpose, "swapdims": transpose, "t": transpose,
@@ -712,8 +859,9 @@ def apply(c: Ctx):
             if isinstance(m, types):
                 return rule(c, m, node.target, *node.args, **node.kwargs)
         unsupported(f"no coupling rule for module type {type(m).__name__}")
-    if node.op == "call_function" and node.target in FUNCTION_RULES:
-        return FUNCTION_RULES[node.target](c, *node.args, **node.kwargs)
+    rule = function_rule(node.target) if node.op == "call_function" else None
+    if rule is not None:
+        return rule(c, *node.args, **node.kwargs)
     if node.op == "call_function":
         from .aten_rules import rule_for  # the ATen vocabulary of torch.export graphs
 
@@ -738,9 +886,10 @@ def weak_nodes(gm: fx.GraphModule, leaf_modules=()) -> list:
             m = gm.get_submodule(node.target)
             if node.target in leaf_paths or isinstance(m, leaf_types):
                 continue
-            if isinstance(m, nn.MultiheadAttention) or not any(isinstance(m, t) for t, _ in MODULE_RULES):
+            if (isinstance(m, nn.MultiheadAttention) and not _mha_supported(m)) \
+                    or not any(isinstance(m, t) for t, _ in MODULE_RULES):
                 weak.append(node)
-        elif node.op == "call_function" and node.target not in FUNCTION_RULES \
+        elif node.op == "call_function" and function_rule(node.target) is None \
                 and node.meta.get("shape") is not None:
             weak.append(node)
         elif node.op == "call_method" and node.target not in METHOD_RULES \
@@ -794,4 +943,5 @@ def _is_user_leaf(c: Ctx, m, path: str) -> bool:
     return path in c.w.user_leaf_paths or isinstance(m, c.w.user_leaf_types)
 
 
-__all__ = ["apply", "weak_nodes", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["apply", "weak_nodes", "function_rule", "MODULE_RULES", "FUNCTION_RULES", "WRAPPED_RULES",
+           "METHOD_RULES"]

@@ -314,6 +314,7 @@ class _ShapeRecorder(fx.Interpreter):
             ) from e
         n.meta["shape"] = _shapes(out)
         n.meta["is_float"] = isinstance(out, torch.Tensor) and out.is_floating_point()
+        n.meta["dtype"] = out.dtype if isinstance(out, torch.Tensor) else None
         return out
 
 
