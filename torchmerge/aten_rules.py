@@ -11,10 +11,9 @@ import torch
 
 from . import rules as R
 from .coupling import Ctx
-from .layout import Cat, Prod
+from .layout import Prod
 
 aten = torch.ops.aten
-BIG = 2 ** 62  # ATen writes an open slice end as sys.maxsize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,62 +76,12 @@ def _select(c: Ctx, x, dim, index):
 
 
 def _slice(c: Ctx, x, dim=0, start=None, end=None, step=1):
-    """x[..., start:end] on one axis: the identity at full width; a block of the axis's
-    concatenation otherwise (the sliced space is refined into pieces, a subgroup of its
-    permutations); a strided slice freezes the axis."""
+    """x[..., start:end:step] on one axis: see :func:`torchmerge.rules.slice_piece`."""
     X = list(R._tensor_arg(c, x))
     d = R._dim(dim, len(X))
-    size = c.spaces.resolve(X[d]).size
-    lo = 0 if start is None else (start + size if start < 0 else min(start, size))
-    hi = size if end is None or end >= BIG else (end + size if end < 0 else min(end, size))
-    if lo == 0 and hi == size and step == 1:
-        return X
-    piece = slice_term(c, X[d], lo, hi) if step == 1 else None
-    if piece is not None:
-        c.w.sliced.append((piece, True, None))
-    else:
-        c.freeze([X[d]], "strided or block-crossing slice of a channel space")
-        piece = c.fixed(c.out_shape[d], "sliced axis")
-    X[d] = piece
+    piece = R.slice_piece(c, X[d], slice(start, end, step))
+    X[d] = piece if piece is not None else c.fixed(c.out_shape[d], "sliced axis")
     return X
-
-
-def slice_term(c: Ctx, term, lo: int, hi: int):
-    """The sub-term covering indices [lo, hi) of ``term``, splitting atoms at the bounds; None if
-    the range crosses a product's blocks."""
-    r = c.spaces.resolve(term)
-    if lo == 0 and hi == r.size:
-        return r
-    if isinstance(r, Cat):
-        parts, offset = [], 0
-        for t in r.terms:
-            a, b = max(lo, offset), min(hi, offset + t.size)
-            if a < b:
-                part = slice_term(c, t, a - offset, b - offset)
-                if part is None:
-                    return None
-                parts.append(part)
-            else:
-                c.w.sliced.append((t, None, c.reason(_DROPPED)))
-            offset += t.size
-        return parts[0] if len(parts) == 1 else Cat(tuple(parts))
-    if isinstance(r, Prod):
-        inner = r.size // r.terms[0].size
-        if lo % inner or hi % inner:
-            return None
-        head = slice_term(c, r.terms[0], lo // inner, hi // inner)
-        return None if head is None else Prod((head,) + r.terms[1:])
-    sizes = [s for s in (lo, hi - lo, r.size - hi) if s > 0]
-    pieces = c.spaces.split(r, sizes, kind=Cat).terms
-    kept = pieces[1] if lo > 0 else pieces[0]
-    c.w.sliced += [(p, None, c.reason(_DROPPED)) for p in pieces if p is not kept]
-    return kept
-
-
-# The slice bounds may follow the input's shape (x[:, :seq_len] of a position table): indices this
-# trace drops, and no other slice keeps, may be read by another input, so they are never permuted
-# (the walker freezes them at the end; rotate_half's two halves keep each other's).
-_DROPPED = "dropped by a slice (other input shapes may use it)"
 
 
 def _index(c: Ctx, x, indices):
@@ -317,4 +266,4 @@ def rule_for(target):
     return ATEN_RULES.get(packet) if packet is not None else None
 
 
-__all__ = ["ATEN_RULES", "rule_for", "slice_term"]
+__all__ = ["ATEN_RULES", "rule_for"]

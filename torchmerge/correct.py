@@ -49,6 +49,7 @@ from .module_sites import first_tensor
 from .modules import TaskAffine
 from .stats import Moments, _dist_ready, _mode, _progress
 from .trace import trace
+from .tree import device_of as _device
 
 MODES = ("affine", "repair", "affine+tune")
 
@@ -300,12 +301,6 @@ def _reduced(stats: dict) -> dict:
         for s in stats.values():
             s.all_reduce()
     return stats
-
-
-def _device(model: nn.Module):
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

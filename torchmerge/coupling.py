@@ -132,7 +132,7 @@ class Walker:
         self._freeze_dropped()
 
     def _freeze_dropped(self) -> None:
-        """Freeze what slices dropped and no slice kept (see aten_rules._slice)."""
+        """Freeze what slices dropped and no slice kept (see rules.slice_piece)."""
         kept = {id(self.spaces.find(a)) for t, k, _ in self.sliced if k for a in self.spaces.leaves(t)}
         for term, k, reason in self.sliced:
             if not k and not any(id(self.spaces.find(a)) in kept for a in self.spaces.leaves(term)):

@@ -61,6 +61,7 @@ from .merged import MergedModel, _forget_applied
 from .module_sites import select_module_sites, task_attributes
 from .modules import ChannelAffine, TaskAffine, TaskHeads, stitch_rows
 from .rewrite import fold_affine
+from .tree import shares_params as _shares_params, under as _under
 
 #: Children the injected build adds to the model's root.
 RESERVED = ("task_sites", "task_weights")
@@ -439,10 +440,6 @@ def _load_merged(model: nn.Module, state: dict, head_paths) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def _under(key: str, paths) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths)
-
-
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, module)
@@ -486,13 +483,6 @@ def _fold_or_fix(model: nn.Module, path: str, scale, shift, axis: int) -> None:
         return
     module.add_module(EXPORTED_AFFINE, ChannelAffine(scale, shift, axis))
     module.register_forward_hook(FixedAffineHook())
-
-
-def _shares_params(model: nn.Module, module: nn.Module) -> bool:
-    """True if a parameter of ``module`` is used by another module too (tied weights)."""
-    mine = {id(p) for p in module.parameters()}
-    owners = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine]
-    return len(owners) > len(mine)
 
 
 def _check_like(out: nn.Module, like, task_name: str) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import os
 import re
 from pathlib import Path
@@ -50,6 +49,8 @@ from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, decode, dumps, manifes
 from .merged import GraphMergedModel, MergedModel
 from .rewrite import build_graph, is_hf_conv1d
 from .task_weights import TaskWeights
+from .tree import submodule as _submodule, under as _under
+from .tree import device_of
 
 _FX_CONSTANT = re.compile(r"_tensor_constant\d+$")  # a tensor fx found in the forward's code
 
@@ -61,7 +62,6 @@ def _safetensors():
         raise TorchMergeError("saving and loading merged models needs the safetensors package: "
                               "pip install safetensors") from e
     return safetensors
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def load(path, model: nn.Module, example_inputs=None) -> MergedModel:
                               f"architecture, got {type(model).__name__}")
     folder = Path(path)
     manifest = read_manifest(folder)
-    tensors = _read_weights(folder, manifest, _device(model))
+    tensors = _read_weights(folder, manifest, _device_or_cpu(model))
     builder = _load_injected if manifest["build"] == "inject" else _load_graph
     merged = builder(manifest, tensors, model, example_inputs)
     _check_sites(merged, manifest)
@@ -173,11 +173,6 @@ def load(path, model: nn.Module, example_inputs=None) -> MergedModel:
     merged.set_task(manifest["active_task"])
     merged.info = manifest["info"]
     return merged
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
 
 
 def _read_weights(folder: Path, manifest: dict, device) -> dict:
@@ -212,7 +207,7 @@ def _load_graph(manifest, tensors, model, example_inputs) -> GraphMergedModel:
     shared = {k: v for k, v in body.items() if not _under(k, head_paths) and not k.startswith("sites.")}
     template = _template(model, shared, manifest, tensors, "body.", check_missing=False)
     heads = _task_heads(template, tensors, "body.", manifest)
-    example = _example_call(manifest, example_inputs, _device(model))
+    example = _example_call(manifest, example_inputs, _device_or_cpu(model))
     own = template.state_dict()
     state = {**own, **{k: v for k, v in shared.items() if k in own}}
     options = _trace_options(manifest["trace_options"], model)
@@ -261,10 +256,6 @@ def _attribute_dict(entries) -> dict:
 
 def _strip(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _under(key: str, paths) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths)
 
 
 def _template(model: nn.Module, saved: dict, manifest: dict, tensors: dict, prefix: str,
@@ -368,13 +359,6 @@ def _fit_sizes(m: nn.Module) -> None:
             m.nx = w.shape[0]
 
 
-def _submodule(model: nn.Module, path: str):
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _task_heads(template: nn.Module, tensors: dict, prefix: str, manifest: dict) -> list:
     """Per task ``{head path: a copy of template's head holding tensors of the saved shapes}``."""
     out = []
@@ -467,3 +451,7 @@ def _load_strict(merged: MergedModel, tensors: dict, manifest: dict) -> None:
 
 
 __all__ = ["save", "load", "conform", "read_manifest", "FORMAT_VERSION", "MANIFEST", "WEIGHTS"]
+
+
+def _device_or_cpu(model):
+    return device_of(model, torch.device("cpu"))

@@ -123,8 +123,10 @@ class MergedModel(nn.Module):
             yield from m.parameters()
 
     def export(self, task=None, like: nn.Module | None = None) -> nn.Module:
-        """A plain module for one task (see the builds)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement export")
+        """A plain module for one task: implemented by each build (``GraphMergedModel.export``,
+        ``InjectedModel.export``); this base class is never instantiated on its own."""
+        raise NotImplementedError(f"{type(self).__name__} is not a build of MergedModel: use "
+                                  "tm.merge, which returns a graph or an injected build")
 
     def save(self, path, example_inputs=None) -> None:
         """Write the folder ``path``: ``model.safetensors`` (every tensor) and ``torchmerge.json``

@@ -24,12 +24,9 @@ from .errors import TorchMergeError
 from .rewrite import LAYERS, NORMS, is_hf_conv1d
 from .stats import default_channel_axis
 from .trace import eval_mode
+from .tree import submodule as _submodule, under as _under
 
 _MISSING = object()
-
-
-def _under(key: str, paths) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths)
 
 
 def select_module_sites(model: nn.Module, sites, head_paths, example: Inputs) -> list:
@@ -224,13 +221,6 @@ def _plain(value, depth: int = 0) -> bool:
     if depth < 3 and isinstance(value, dict):
         return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
     return False
-
-
-def _submodule(model: nn.Module, path: str):
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 __all__ = ["select_module_sites", "block_paths", "site_axis", "task_attributes", "first_tensor"]

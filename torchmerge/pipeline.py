@@ -10,7 +10,6 @@ from torch import nn
 from . import methods as merge_methods
 from . import guards, validate
 from .align import align_many
-from .batches import Inputs
 from .correct import fit_affines
 from .discover import discover
 from .errors import ShapeError, TorchMergeError, TraceError
@@ -20,6 +19,7 @@ from .rewrite import build_graph, head_modules
 from .spec import PermutationSpec, permute
 from .stats import layer_input_grams
 from .task_weights import TaskWeights
+from .tree import device_of, under as _under
 
 CORRECTIONS = validate.CORRECTIONS
 BUILDS = validate.BUILDS
@@ -64,7 +64,7 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     reference = experts[0]
     spec = PermutationSpec(groups={}, axes={})  # nothing to align: discovery only when needed
     if align is not None or heads == "auto" or method == "pleas":
-        spec = discover(reference, _traceable(example), leaf_modules=leaf_modules,
+        spec = discover(reference, example, leaf_modules=leaf_modules,
                         concrete_args=concrete_args)
     head_paths = head_modules(reference, spec, heads)
     names = task_names or [f"task{i}" for i in range(len(experts))]
@@ -75,7 +75,7 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     else:
         merged, result_info, aligned = _aligned_merge(experts, spec, base, data, align, method, build,
                                                       max_batches, seed, method_kwargs)
-    merged = guards.strip_hooks(merged.to(_device(reference)), keep=(SiteHook,))  # not the user's hooks
+    merged = guards.strip_hooks(merged.to(_device_or_cpu(reference)), keep=(SiteHook,))  # not the user's hooks
     merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
                    "build": build.used, "merge_info": result_info}
     if aligned is not None and "perms" in result_info:
@@ -84,11 +84,6 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
         fit_affines(merged, aligned, data, mode=correction, max_batches=max_batches,
                     allow_uncorrected=allow_uncorrected, **(calibration or {}))
     return merged
-
-
-def _traceable(example: Inputs):
-    """What torch.fx tracing takes: the positional tensors (keywords: the Inputs themselves)."""
-    return example if example.kwargs else example.args
 
 
 class _Build:
@@ -200,10 +195,6 @@ def _union(data, max_batches):
     return [b for group in itertools.zip_longest(*streams) for b in group if b is not None]
 
 
-def _under(key, paths) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths)
-
-
 def _weights(model: nn.Module, head_paths) -> dict:
     """The shared *parameters* (what merge methods act on): buffers such as BatchNorm running
     statistics are not task vectors — sparsifying or rescaling them could make a variance negative."""
@@ -243,6 +234,5 @@ def _method_stats(method, aligned, data, max_batches, head_paths):
     return [{k: v for k, v in s.items() if not _under(k, head_paths)} for s in stats]
 
 
-def _device(model: nn.Module):
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
+def _device_or_cpu(model):
+    return device_of(model, torch.device("cpu"))

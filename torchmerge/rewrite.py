@@ -23,6 +23,7 @@ from .errors import TorchMergeError
 from .modules import ChannelAffine, TaskAffine, TaskHeads
 from .trace import trace
 from .guards import strip_hooks
+from .tree import shares_params as _shares_params, submodule as _submodule, under as _under
 
 LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -48,10 +49,6 @@ def build_graph(template: nn.Module, example_inputs, state: dict, heads: list, h
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _under(key: str, paths) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in paths)
 
 
 def _slug(node: fx.Node) -> str:
@@ -248,13 +245,6 @@ def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
     return out.train(graph.training)
 
 
-def _submodule(model: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     scale, shift = affine.scale[task].detach(), affine.shift[task].detach()
     if affine.norm_path is not None:  # the site owns its BatchNorm's call: put the norm back
@@ -272,14 +262,6 @@ def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     gm.add_submodule(node.target, ChannelAffine(scale, shift, affine.channel_axis))
     node.args = node.args[:1]
 
-
-def _shares_params(gm, layer) -> bool:
-    """True if a parameter of ``layer`` is also used elsewhere (tied weights): folding would leak."""
-    if layer is None:
-        return False
-    mine = {id(p) for p in layer.parameters()}
-    owners = [n for n, p in gm.named_parameters(remove_duplicate=False) if id(p) in mine]
-    return len(owners) > len(mine)
 
 
 def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:

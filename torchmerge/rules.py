@@ -294,7 +294,7 @@ def _index_tensor(c: Ctx, X: list, idx: tuple):
         if isinstance(i, slice) and i == slice(None):
             out.append(X[axis])
         elif isinstance(i, slice):
-            out.append(_slice_piece(c, X[axis], i))  # None: sized from the output shape below
+            out.append(slice_piece(c, X[axis], i))  # None: sized from the output shape below
         elif isinstance(i, int):
             c.freeze([X[axis]], "integer index selects fixed channels")
         else:
@@ -328,12 +328,17 @@ def index_core(c: Ctx, X: list, indices: list):
     return idx + [X[j] for j in range(len(X)) if j not in pos]
 
 
-def _slice_piece(c: Ctx, term, i: slice):
-    """x[..., lo:hi] on one axis (step 1, integer bounds): the term itself at full width, else the
-    piece of it that aten.slice would keep (a block of a concatenation, or a refined atom); the
-    axis is frozen for a strided slice or one that crosses a product's blocks."""
-    from .aten_rules import slice_term  # circular: aten_rules imports this module
+# The slice bounds may follow the input's shape (x[:, :seq_len] of a position table): indices this
+# trace drops, and no other slice keeps, may be read by another input, so they are never permuted
+# (the walker freezes them at the end; rotate_half's two halves keep each other's).
+_DROPPED = "dropped by a slice (other input shapes may use it)"
 
+
+def slice_piece(c: Ctx, term, i: slice):
+    """x[..., lo:hi] on one axis (fx getitem and aten.slice alike): the term itself at full width,
+    else the block of a concatenation or the refined piece of an atom it covers (a subgroup of
+    the space's permutations); None, with the axis frozen, for a strided slice or one that
+    crosses a product's blocks."""
     size = c.spaces.resolve(term).size
     bounds = (i.start, i.stop, i.step)
     if all(b is None or isinstance(b, int) for b in bounds):
@@ -346,6 +351,38 @@ def _slice_piece(c: Ctx, term, i: slice):
             return piece
     c.freeze([term], "slicing part of a channel space")
     return None
+
+
+def slice_term(c: Ctx, term, lo: int, hi: int):
+    """The sub-term covering indices [lo, hi) of ``term``, splitting atoms at the bounds; None if
+    the range crosses a product's blocks."""
+    r = c.spaces.resolve(term)
+    if lo == 0 and hi == r.size:
+        return r
+    if isinstance(r, Cat):
+        parts, offset = [], 0
+        for t in r.terms:
+            a, b = max(lo, offset), min(hi, offset + t.size)
+            if a < b:
+                part = slice_term(c, t, a - offset, b - offset)
+                if part is None:
+                    return None
+                parts.append(part)
+            else:
+                c.w.sliced.append((t, None, c.reason(_DROPPED)))
+            offset += t.size
+        return parts[0] if len(parts) == 1 else Cat(tuple(parts))
+    if isinstance(r, Prod):
+        inner = r.size // r.terms[0].size
+        if lo % inner or hi % inner:
+            return None
+        head = slice_term(c, r.terms[0], lo // inner, hi // inner)
+        return None if head is None else Prod((head,) + r.terms[1:])
+    sizes = [s for s in (lo, hi - lo, r.size - hi) if s > 0]
+    pieces = c.spaces.split(r, sizes, kind=Cat).terms
+    kept = pieces[1] if lo > 0 else pieces[0]
+    c.w.sliced += [(p, None, c.reason(_DROPPED)) for p in pieces if p is not kept]
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from torch import nn
 
 from .batches import iter_calls
 from .errors import TorchMergeError
+from .tree import device_of as _device_of
 
 __all__ = [
     "Moments", "Gram", "iter_calls", "collect", "collect_paired", "default_channel_axis",
@@ -55,7 +56,6 @@ CHANNEL_FIRST_MODULES: tuple[type, ...] = (
     nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
 )
-
 
 
 def default_channel_axis(module: nn.Module, tensor: torch.Tensor) -> int:
@@ -593,14 +593,6 @@ def _mode(models: list[nn.Module], train_mode: bool):
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-def _device_of(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
 
 
 def _progress(it: Iterable, enabled: bool, batches: Any, max_batches: int | None) -> Iterable:

@@ -40,6 +40,7 @@ from torch import nn
 from .batches import Inputs, example_inputs_of, first_call
 from .errors import ArgumentError, ArgumentTypeError, ShapeError, TorchMergeError
 from .guards import in_merged_order, tensors as _tensors
+from .tree import device_of as _device
 
 ALIGNS = (None, "weight", "activation")
 CORRECTIONS = (None, "affine", "repair", "affine+tune")
@@ -308,8 +309,10 @@ def _dry_run(method, kwargs, num_tasks) -> None:
     except TorchMergeError as err:
         kind = ArgumentError if type(err) is TorchMergeError else type(err)
         raise kind(f"method {method!r}: {err}") from None
-    except Exception:  # noqa: BLE001 - the fake state, not the user's input: the real run reports
-        pass
+    except Exception:  # noqa: BLE001
+        # the tiny fake state itself does not suit this method: nothing is learned about the
+        # user's arguments here, and the real run (before any expensive work) reports them
+        return
 
 
 def calibration_options(options) -> dict:
@@ -570,11 +573,6 @@ def _signature(call: Inputs) -> tuple:
     def sig(v):
         return (tuple(v.shape[1:]), v.dtype) if isinstance(v, torch.Tensor) else type(v).__name__
     return (tuple(sig(a) for a in call.args), tuple(sorted((k, sig(v)) for k, v in call.kwargs.items())))
-
-
-def _device(model: nn.Module):
-    t = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return None if t is None else t.device
 
 
 @contextlib.contextmanager
