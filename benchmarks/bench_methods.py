@@ -19,6 +19,11 @@ and ``MKL_DISABLE_FAST_MM=1`` (freed tensors return to the OS at once and MKL ke
 pool, so RSS follows live tensor bytes; the target is checked on this second run). Before measuring, each worker makes one small BLAS and LAPACK call, so the
 libraries' one-time per-thread work buffers are not counted as the merge's memory.
 
+Where ``fusion_bench`` is installed (never a dependency), a ``fusionbench_tall`` row runs its
+``generate_task_masks`` + Task Arithmetic (``tall_mask/utils.py``: experts flattened into one
+``[T, n]`` tensor, as its ``state_dict_to_vector`` does) on the same inputs, and checks that its
+masks equal torchmerge's (``mask_agreement``).
+
 Prints a table and writes ``benchmarks/results/methods.json``.
 """
 
@@ -38,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ["average", "task_arithmetic", "ties", "dare", "tall", "consensus", "regmean", "fisher",
            "mats"]
+PEER = "fusionbench_tall"  # FusionBench's TALL masks + Task Arithmetic, run only where it is installed
 DIM, MLP, BLOCKS = 384, 1536, 6
 # glibc's dynamic mmap threshold keeps freed large blocks in the heap; a fixed threshold makes RSS
 # follow the live tensors, which is what the algorithm controls
@@ -112,27 +118,68 @@ def build_inputs(T: int, method: str, with_base: bool):
     return experts, (base if with_base else None), stats
 
 
+def peer_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("fusion_bench") is not None
+
+
+def fusionbench_tall(experts, base, lam: float = 0.4):
+    """FusionBench's TALL: flat task vectors, ``generate_task_masks``, θ₀ + Σ τ (its output)."""
+    import contextlib
+    import io
+
+    import torch
+    from fusion_bench.method.tall_mask.utils import generate_task_masks
+    keys = [k for k in base if base[k].is_floating_point()]
+    flat_ptm = torch.cat([base[k].reshape(-1) for k in keys])
+    flat_ft = torch.stack([torch.cat([e[k].reshape(-1) for k in keys]) for e in experts])
+    tvs = flat_ft - flat_ptm
+    tv = tvs.sum(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the masks' sparsity
+        masks = generate_task_masks(tvs, flat_ft, flat_ptm, tv=tv, tall_mask_lambda=lam)
+    return masks, flat_ptm + tv
+
+
+def mask_agreement(result, peer_masks, experts) -> float:
+    """Fraction of (task, entry) mask bits on which torchmerge and the peer agree."""
+    import torch
+    keys = [k for k in experts[0] if k in result.masks]
+    ours = torch.stack([torch.cat([result.mask(t, k).reshape(-1) for k in keys])
+                        for t in range(len(experts))])
+    return (ours == peer_masks).float().mean().item()
+
+
 def worker(method: str, T: int, with_base: bool) -> dict:
     import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     sys.path.insert(0, str(ROOT))
     from torchmerge.methods import merge_states
     merge_states("average", [{"w": torch.ones(4)}])  # warm up allocator / lazy imports
+    if method == PEER:
+        import fusion_bench.method.tall_mask.utils  # noqa: F401  (its import is not its merge)
     # BLAS/LAPACK allocate their per-thread work buffers on first use, once per process
     for dt in (torch.float32, torch.float64):
         torch.linalg.cholesky(torch.eye(64, dtype=dt) + torch.ones(64, 64, dtype=dt) @ torch.ones(64, 64, dtype=dt))
     rss0 = rss_bytes()
-    experts, base, stats = build_inputs(T, method, with_base)
+    experts, base, stats = build_inputs(T, "tall" if method == PEER else method, with_base)
     model_bytes = sum(v.numel() * v.element_size() for v in experts[0].values())
     rss1 = rss_bytes()
     peak_reset = reset_peak()
     side = sum(v.numel() * v.element_size() for v in (base or {}).values())
     side += sum(v.numel() * v.element_size() for s in (stats or []) for v in s.values())
     t0 = time.perf_counter()
-    result = merge_states(method, experts, base, stats=stats)
+    if method == PEER:
+        result = fusionbench_tall(experts, base)
+    else:
+        result = merge_states(method, experts, base, stats=stats)
     seconds = time.perf_counter() - t0
     peak = max_rss_bytes()
-    return {
+    extra = {}
+    if method == PEER:  # same output as torchmerge's TALL? (after the measurement)
+        peer_masks, result = result
+        extra["mask_agreement"] = mask_agreement(merge_states("tall", experts, base), peer_masks, experts)
+        result = type("Peer", (), {"mask_bytes": lambda self: peer_masks.numel()})()
+    return extra | {
         "method": method, "tasks": T, "base": with_base, "seconds": round(seconds, 3),
         "model_mb": round(model_bytes / 2**20, 2),
         "inputs_copies": round((rss1 - rss0) / model_bytes, 2),
@@ -155,7 +202,10 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.tasks, with_base)))
         return
     rows = []
-    for m in args.methods:
+    methods = list(args.methods)
+    if "tall" in methods and with_base and peer_installed():
+        methods.append(PEER)
+    for m in methods:
         cmd = [sys.executable, __file__, "--worker", m, "--tasks", str(args.tasks)]
         cmd += ["--no-base"] if not with_base else []
         row = None
@@ -169,6 +219,8 @@ def main() -> None:
             row[f"extra_copies_{mode}"] = r.pop("extra_copies")
             row[f"seconds_{mode}"] = r.pop("seconds")
         rows.append(row)
+    peer = next((r for r in rows if r["method"] == PEER), None)
+    ours = next((r for r in rows if r["method"] == "tall"), None)
     target = args.tasks + 2
     print(f"T={args.tasks} experts of a {rows[0]['model_mb']} MB model, base={'given' if with_base else 'None'};"
           f" memory in model copies; target peak <= {target}")
@@ -183,12 +235,18 @@ def main() -> None:
     print("peak/extra: default glibc malloc (freed per-key temporaries stay cached in the heap);\n"
           "peak*/extra*: MALLOC_MMAP_THRESHOLD_=131072 and MKL_DISABLE_FAST_MM=1, so freed tensors go"
           " back to the OS and the RSS tracks live tensor bytes.")
+    peer_summary = None
+    if peer and ours:
+        peer_summary = {mode: round(ours[f"seconds_{mode}"] / peer[f"seconds_{mode}"], 2) for mode in ALLOCATORS}
+        print(f"TALL vs FusionBench: time ratio (torchmerge / peer) {peer_summary}; extra memory "
+              f"{ours['extra_copies_mmap']:.2f} vs {peer['extra_copies_mmap']:.2f} copies; masks agree on "
+              f"{peer['mask_agreement']:.6f} of the bits")
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     payload = {"tasks": args.tasks, "base": with_base, "target_peak_copies": target,
                "machine": {"python": platform.python_version(), "platform": platform.platform(),
                            "cpus": os.cpu_count()},
-               "rows": rows}
+               "rows": rows, "tall_vs_fusionbench_time_ratio": peer_summary}
     (out_dir / "methods.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 

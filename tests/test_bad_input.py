@@ -242,3 +242,106 @@ def test_errors_are_also_builtin_exceptions():
     """Generic handlers keep working: ShapeError/SpecError are ValueErrors."""
     assert issubclass(tm.ShapeError, ValueError) and issubclass(tm.SpecError, ValueError)
     assert issubclass(tm.TraceError, tm.TorchMergeError)
+
+
+# --------------------------------------------------------------------------- advice that applies
+# (issue 13.6): every suggestion in a message must be something the called function accepts.
+
+def _net(hidden=16, out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, out))
+
+
+@pytest.mark.parametrize("align", ["weight", None])
+def test_width_mismatch_suggests_what_merge_takes(align):
+    """tm.merge takes no exclude=; the message says the experts need the same widths instead."""
+    with pytest.raises(tm.TorchMergeError) as err:
+        tm.merge([_net(16), _net(12)], method="average", example_inputs=X, correction=None, align=align)
+    msg = str(err.value)
+    assert "0.weight" in msg and "(16, 8)" in msg and "(12, 8)" in msg, msg
+    assert "same layer widths" in msg and "heads='auto'" in msg, msg
+    assert "pass exclude=[...]" not in msg and "align the models first" not in msg, msg
+
+
+class RootGate(nn.Module):
+    """Data-dependent control flow in the root forward itself: no submodule to make a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize("capture_method", ["fx", "auto"])
+def test_untraceable_root_forward_is_not_suggested_as_a_leaf(capture_method):
+    with pytest.raises(tm.TraceError) as err:
+        tm.discover(RootGate(), X.abs(), capture_method=capture_method)
+    msg = str(err.value)
+    assert "RootGate (the root model)" in msg, msg
+    assert "leaf_modules=(RootGate,)" not in msg and "submodule.path" not in msg, msg
+    assert "torch.where" in msg, msg
+    if capture_method == "fx":
+        assert "capture_method='auto'" in msg, msg
+
+
+def test_wrong_feature_size_in_data_blames_the_data_batch():
+    """Without example_inputs the experts are traced with data[0]'s first batch: a wrong size there
+    is reported as the data's (task index and shapes), not as example_inputs'."""
+    data = [[(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))] for _ in range(2)]
+    with pytest.raises(tm.ShapeError) as err:
+        tm.merge([_net(), _net()], method="average", data=data)
+    msg = str(err.value)
+    assert "data[0]'s first batch (args [(4, 5)]) does not fit experts[0]" in msg, msg
+    assert "4x5 and 8x16" in msg and "fix that task's data" in msg, msg
+    assert "example_inputs" not in msg, msg
+
+
+def test_valid_methods_come_from_the_registry(monkeypatch):
+    with pytest.raises(tm.ArgumentError) as err:
+        tm.merge([_net(), _net()], method="nope", example_inputs=X, correction=None)
+    assert "'pleas'" in str(err.value) and "'mats'" in str(err.value), str(err.value)
+    monkeypatch.setitem(tm.methods.METHODS, "my_method", tm.methods.METHODS["average"])
+    with pytest.raises(tm.ArgumentError, match="'my_method'"):
+        tm.merge([_net(), _net()], method="nope", example_inputs=X, correction=None)
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"method": "tie"}, "unknown merge method 'tie' (did you mean 'ties'?); valid: 'average'"),
+    ({"method": "TIES"}, "(did you mean 'ties'? names are case-sensitive)"),
+    ({"method": "plea"}, "(did you mean 'pleas'?)"),
+    ({"align": "Weight"}, "unknown alignment method 'Weight' (did you mean 'weight'? names are case-sensitive)"),
+    ({"correction": "afine"}, "unknown correction 'afine' (did you mean 'affine'?); valid: None, 'affine'"),
+    ({"build": "injct"}, "unknown build 'injct' (did you mean 'inject'?)"),
+    ({"sites": "layers"}, "got sites='layers' (did you mean 'layer'?)"),
+    ({"heads": "Auto"}, "got heads='Auto' (did you mean 'auto'? names are case-sensitive)"),
+    ({"calibration": {"tune_loss": "KL"}}, "tune_loss must be 'kl' or 'mse' (did you mean 'kl'?"),
+])
+def test_misspelt_names_get_did_you_mean(kwargs, phrase):
+    """Names are exact (case-sensitive); a near miss names the closest valid one, then all of them."""
+    kwargs = {"method": "average", "example_inputs": X, "correction": None, **kwargs}
+    if "calibration" in kwargs:
+        kwargs.update(correction="affine", data=[[X], [X]])
+    with pytest.raises(tm.ArgumentError) as err:
+        tm.merge([_net(), _net()], **kwargs)
+    assert phrase in str(err.value), str(err.value)
+
+
+def test_misspelt_capture_method_gets_did_you_mean():
+    with pytest.raises(tm.TorchMergeError, match=r"unknown capture method 'FX' \(did you mean 'fx'\? "
+                                                  r"names are case-sensitive\); valid: 'auto', 'fx', 'export'"):
+        tm.discover(_net(), X, capture_method="FX")
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({}, "correction='affine' needs data=[one iterable of batches per task]; or pass correction=None to merge"),
+    ({"method": "regmean", "correction": None}, "method='regmean' needs data=[one iterable of batches per task]; "
+                                                "or pass a data-free method (method='average', or method='ties' with base=)"),
+    ({"method": "regmean", "align": "activation"}, "align='activation' and method='regmean' and "
+                                                   "correction='affine' need data="),
+])
+def test_data_needed_message_grammar_and_advice(kwargs, phrase):
+    with pytest.raises(tm.ArgumentError) as err:
+        tm.merge([_net(), _net()], **{"method": "average", "example_inputs": X, **kwargs})
+    assert phrase in str(err.value), str(err.value)

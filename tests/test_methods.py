@@ -3,6 +3,7 @@ float64), hand-computed examples, invariants (identical copies, λ / p edge case
 bad inputs."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -110,7 +111,8 @@ def test_integer_buffers_from_first_expert_and_dtype_kept():
     e = [{"w": torch.ones(3, dtype=torch.float16), "n": torch.tensor(5)},
          {"w": torch.zeros(3, dtype=torch.float16), "n": torch.tensor(9)}]
     for name in ["average", "task_arithmetic", "ties", "dare", "tall", "consensus"]:
-        r = merge_states(name, e)
+        with warns_if(name != "average", "with base=None"):
+            r = merge_states(name, e)
         assert r.state["n"].item() == 5 and r.state["w"].dtype == torch.float16, name
 
 
@@ -126,7 +128,8 @@ def test_average_matches_mean():
        lam=st.floats(0, 2))
 def test_task_arithmetic_reference(seed, shapes, T, lam):
     experts, base = make_states(seed, shapes, T)
-    r = task_arithmetic(experts, base, lam=lam)
+    with warns_if(lam == 0, "lam=0: the result is the base"):
+        r = task_arithmetic(experts, base, lam=lam)
     ref = flat(base, list(base)).double() + lam * sum(ref_taus(experts, base))
     assert_state_close(r.state, unflat(ref, base))
 
@@ -160,7 +163,8 @@ def test_ties_reference(seed, shapes, T, k, lam, with_base):
         # rounding noise; the method is only meaningful for T ≥ 3 with trimming
         assume(T >= 3 and round(k * n) < n)
         base_used = {key: sum(e[key] for e in experts) / T for key in base}
-        r = ties(experts, None, k=k, lam=lam)
+        with pytest.warns(UserWarning, match="method='ties' with base=None"):
+            r = ties(experts, None, k=k, lam=lam)
     else:
         base_used = base
         r = ties(experts, base, k=k, lam=lam)
@@ -187,10 +191,11 @@ def test_ties_threshold_exact_on_large_vector():
 def test_dare_p0_equals_task_arithmetic():
     experts, base = make_states(1, [(4, 3), (7,)], 3)
     for b in (base, None):
-        assert_state_close(dare(experts, b, p=0.0, lam=0.4).state,
-                           task_arithmetic(experts, b, lam=0.4).state, atol=0, rtol=0)
-        assert_state_close(dare(experts, b, p=0.0, combine="ties", k=0.3, lam=1.0).state,
-                           ties(experts, b, k=0.3, lam=1.0).state, atol=0, rtol=0)
+        with warns_if(b is None, "with base=None"):
+            assert_state_close(dare(experts, b, p=0.0, lam=0.4).state,
+                               task_arithmetic(experts, b, lam=0.4).state, atol=0, rtol=0)
+            assert_state_close(dare(experts, b, p=0.0, combine="ties", k=0.3, lam=1.0).state,
+                               ties(experts, b, k=0.3, lam=1.0).state, atol=0, rtol=0)
 
 
 def test_dare_drop_rescale_seeded():
@@ -218,6 +223,11 @@ def test_dare_ties_matches_ties_on_dropped_vectors():
 
 
 # ----------------------------------------------------------------------------- TALL / Consensus
+def warns_if(condition, match):
+    """``pytest.warns(UserWarning, match=...)`` where a setting is meant to be degenerate."""
+    return pytest.warns(UserWarning, match=match) if condition else contextlib.nullcontext()
+
+
 TALL_BASE = {"w": torch.zeros(4)}
 TALL_EXPERTS = [{"w": torch.tensor([1.0, 0.0, 0.5, -1.0])}, {"w": torch.tensor([0.0, 2.0, 0.5, 1.0])}]
 
@@ -241,7 +251,8 @@ def test_consensus_hand_example():
     # votes = [1, 1, 2, 2] -> k=2 keeps entries 2, 3 of τ_MTL = [1, 2, 1, 0]
     assert consensus(TALL_EXPERTS, TALL_BASE, k=2).state["w"].tolist() == [0.0, 0.0, 1.0, 0.0]
     assert consensus(TALL_EXPERTS, TALL_BASE, k=1).state["w"].tolist() == [1.0, 2.0, 1.0, 0.0]
-    assert consensus(TALL_EXPERTS, TALL_BASE, k=3).state["w"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    with pytest.warns(UserWarning, match="k=3 > 2 experts"):
+        assert consensus(TALL_EXPERTS, TALL_BASE, k=3).state["w"].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert consensus(TALL_EXPERTS, TALL_BASE, k=2, scale=0.5).state["w"].tolist() == [0, 0, 0.5, 0]
 
 
@@ -252,7 +263,8 @@ def test_tall_reference(seed, shapes, T, lam, mtl):
     experts, base = make_states(seed, shapes, T)
     taus = ref_taus(experts, base)
     tau_mtl = sum(taus) if mtl == "sum" else ref_ties_vector(taus, 0.2)
-    r = tall(experts, base, lam=lam, mtl=mtl)
+    with warns_if(lam == 0, "lam=0: every task mask is all ones"):
+        r = tall(experts, base, lam=lam, mtl=mtl)
     keys = list(base)
     ref_masks = ref_tall_masks(taus, tau_mtl, [lam] * T)
     theta0 = flat(base, keys).double()
@@ -271,7 +283,8 @@ def test_tall_reference(seed, shapes, T, lam, mtl):
                                    torch.where(m, theta0 + tau_mtl, theta0), atol=1e-5, rtol=1e-5)
     if not mismatch:
         votes = torch.tensor(ref_masks, dtype=torch.int64).sum(0)
-        c = consensus(experts, base, k=2, lam=lam, mtl=mtl)
+        with warns_if(lam == 0 or T < 2, "lam=0: every task mask|k=2 > 1 experts"):
+            c = consensus(experts, base, k=2, lam=lam, mtl=mtl)
         want_c = theta0 + torch.where(votes >= 2, tau_mtl, torch.zeros_like(tau_mtl))
         assert_state_close(c.state, unflat(want_c, base))
 
@@ -291,12 +304,14 @@ def test_tall_recovers_experts_with_disjoint_task_vectors():
             bt = r.task_state(t)
             torch.testing.assert_close(bt["w"], experts[t]["w"], atol=1e-6, rtol=0)
             torch.testing.assert_close(bt["b"], experts[t]["b"])
-    r0 = tall(experts, base, lam=0.0)
+    with pytest.warns(UserWarning, match="lam=0: every task mask is all ones"):
+        r0 = tall(experts, base, lam=0.0)
     for t in range(3):
         assert r0.mask(t, "w").all()
         assert torch.equal(r0.task_state(t)["w"], r0.state["w"])
     # a single task is always recovered
-    one = tall(experts[:1], base, lam=0.0)
+    with pytest.warns(UserWarning, match="lam=0"):
+        one = tall(experts[:1], base, lam=0.0)
     torch.testing.assert_close(one.task_state(0)["w"], experts[0]["w"])
 
 
@@ -369,7 +384,9 @@ def test_regmean_conv_is_least_squares_on_unfolded_inputs():
 def test_regmean_dead_inputs_take_the_average():
     experts = [{"w": torch.tensor([[1.0, 5.0]])}, {"w": torch.tensor([[3.0, 7.0]])}]
     grams = [{"w": torch.tensor([[2.0, 0.0], [0.0, 0.0]])}, {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]])}]
-    w = regmean(experts, grams).state["w"]
+    result = regmean(experts, grams)
+    assert "dead inputs" in result.info["fallbacks"][0]
+    w = result.state["w"]
     torch.testing.assert_close(w, torch.tensor([[(2 * 1 + 3) / 3, 6.0]]))
 
 
@@ -390,7 +407,8 @@ def test_regmean_not_positive_definite_falls_back_to_lu_or_says_singular():
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and −1
     grams = [{"w": indefinite}, {"w": indefinite}]
     want = ref_regmean([e["w"] for e in experts], [s["w"] for s in grams], 1.0)
-    torch.testing.assert_close(regmean(experts, grams, alpha=1.0).state["w"].double(), want)
+    with pytest.warns(UserWarning, match="not positive definite .*solved by LU"):
+        torch.testing.assert_close(regmean(experts, grams, alpha=1.0).state["w"].double(), want)
     rank_one = [{"w": torch.ones(2, 2)}, {"w": torch.ones(2, 2)}]
     with pytest.raises(TorchMergeError, match=r"RegMean: Σ Gram for 'w' .* singular; use alpha < 1"):
         regmean(experts, rank_one, alpha=1.0)
@@ -473,7 +491,8 @@ def test_identical_copies_return_the_model(name, device):
     experts, _ = make_states(11, [(5, 4), (5,), (3, 2, 3, 3)], 1, device=device)
     model = dict(experts[0], n=torch.tensor(7, device=device))
     copies = [dict(model) for _ in range(4)]
-    r = merge_states(name, copies, stats=sensible_stats(name, copies))
+    with pytest.warns(UserWarning, match="all 4 experts are identical"):
+        r = merge_states(name, copies, stats=sensible_stats(name, copies))
     assert_state_close(r.state, model, atol=1e-5)
     assert all(v.device.type == device for v in r.state.values())
     for t in range(4):
@@ -527,7 +546,7 @@ BAD = [
     (lambda: merge_states("average", E2[0]), r"non-empty list of state dicts, got dict"),
     (lambda: merge_states("mats", E2, stats=[{"w": torch.eye(2)}] * 2, max_iter=0),
      r"max_iter=0 must be a positive integer"),
-    (lambda: tall(E2, lam=0.4).mask(5, "w"), r"task index 5 out of range for 2 tasks"),
+    (lambda: tall(E2, E2[0], lam=0.4).mask(5, "w"), r"task index 5 out of range for 2 tasks"),
 ]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from .errors import TorchMergeError
+from .progress import bar, scoped, stage
 from .spec import PermutationSpec, _names
 
 
@@ -43,23 +45,28 @@ class _Kept(NamedTuple):
 
 @dataclass
 class AlignResult:
-    """Permutations for the other model, the objective after each sweep, and per-group sources."""
+    """Permutations for the other model, the objective after each sweep, per-group sources, and
+    whether coordinate ascent converged (a sweep changed nothing) within ``max_iter`` sweeps."""
 
     perms: dict
     objective: list = field(default_factory=list)
     sweeps: int = 0
     sources: dict = field(default_factory=dict)  # group -> "weight" | "activation"
+    converged: bool = True
 
 
+@scoped
 def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method: str = "weight",
           data=None, *, max_iter: int = 100, seed: int = 0, exclude=None, max_batches=None,
-          probes_per_group: int = 4, return_result: bool = False, _scorers=None):
+          probes_per_group: int = 4, return_result: bool = False, progress: bool | None = None,
+          _scorers=None):
     """Permutations that bring ``other`` into ``reference``'s unit order (apply with ``tm.permute``).
 
     ``method="weight"``: Git Re-Basin weight matching (Ainsworth et al. 2022). ``"activation"``:
     match the Pearson correlation of activations over ``data`` (an iterable of batches) at module
     outputs where each group is visible; groups visible nowhere fall back to weights.
     ``exclude``: parameter names left out of matching (default: the task heads, ``spec.heads``).
+    ``progress``: tqdm bars for the data pass and the sweeps (None: when stderr is a terminal).
     """
     ref_state, other_state = _shared_states(reference, other, spec, exclude)
     if method == "weight":
@@ -70,19 +77,30 @@ def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method:
         if data is None:
             raise TorchMergeError("align(method='activation') needs data=<iterable of batches> that "
                                   "both models accept; use method='weight' to align without data")
-        scorers = _activation_scorers(reference, other, spec, data, max_batches, probes_per_group)
+        with stage("align activation: data pass"):
+            scorers = _activation_scorers(reference, other, spec, data, max_batches, probes_per_group)
     else:
         raise TorchMergeError(f"unknown alignment method {method!r}; valid: 'weight', 'activation'")
-    result = _Matcher(spec, ref_state, other_state, scorers).run(max_iter, seed)
+    with stage(f"align {method}: sweep"):
+        result = _Matcher(spec, ref_state, other_state, scorers).run(max_iter, seed)
+    if not result.converged:
+        warnings.warn(f"align(method={method!r}): coordinate ascent stopped at max_iter={max_iter} "
+                      "sweeps with permutations still changing (result.converged=False), so they are "
+                      "not a local optimum of the matching objective; raise max_iter", UserWarning,
+                      stacklevel=2)
     return result if return_result else result.perms
 
 
-def align_many(experts, spec: PermutationSpec, reference: int = 0, bases=None, **kwargs) -> list:
+@scoped
+def align_many(experts, spec: PermutationSpec, reference: int = 0, bases=None, *,
+               return_results: bool = False, **kwargs) -> list:
     """Permutations aligning every expert to ``experts[reference]`` (identity for the reference).
 
     With ``bases`` (one base module per expert, the init or pretraining it descends from), the
     distinct bases are aligned to the reference's base and each expert takes its base's
-    permutation — how Sharma et al. (2024) align non-local experts.
+    permutation — how Sharma et al. (2024) align non-local experts. ``return_results``: return
+    ``(perms, results)``, ``results[i]`` the :class:`AlignResult` for expert i (None for the
+    reference).
     """
     experts = list(experts)
     if not 0 <= reference < len(experts):
@@ -98,10 +116,13 @@ def align_many(experts, spec: PermutationSpec, reference: int = 0, bases=None, *
         anchor = models[reference]
     others = list({id(m): m for m in models if m is not anchor}.values())
     scorers = _shared_pass(anchor, others, spec, kwargs)
-    perms = {id(anchor): identity}
+    results = {id(anchor): None}
     for m, sc in zip(others, scorers):
-        perms[id(m)] = align(anchor, m, spec, **kwargs, _scorers=sc)
-    return [perms[id(m)] for m in models]
+        i = next(i for i, x in enumerate(models) if x is m)
+        with stage(f"align {kwargs.get('method', 'weight')}: {'base' if bases else 'expert'} {i} sweep"):
+            results[id(m)] = align(anchor, m, spec, **kwargs, _scorers=sc, return_result=True)
+    out = [identity if results[id(m)] is None else results[id(m)].perms for m in models]
+    return (out, [results[id(m)] for m in models]) if return_results else out
 
 
 def _shared_pass(anchor, others, spec, kwargs) -> list:
@@ -109,8 +130,9 @@ def _shared_pass(anchor, others, spec, kwargs) -> list:
     pair); weight matching needs no pass."""
     if kwargs.get("method", "weight") != "activation" or kwargs.get("data") is None or not others:
         return [None] * len(others)
-    return _activation_scorers(anchor, others, spec, kwargs["data"], kwargs.get("max_batches"),
-                               kwargs.get("probes_per_group", 4))
+    with stage("align activation: data pass"):
+        return _activation_scorers(anchor, others, spec, kwargs["data"], kwargs.get("max_batches"),
+                                   kwargs.get("probes_per_group", 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +153,11 @@ def _shared_states(reference, other, spec, exclude):
                                   f"{'reference' if p not in ref else 'other'} model")
         if ref[p].shape != oth[p].shape:
             raise TorchMergeError(f"{p} has shape {tuple(ref[p].shape)} in the reference and "
-                                  f"{tuple(oth[p].shape)} in the other model; pass exclude=[...] for "
-                                  "task-specific layers")
+                                  f"{tuple(oth[p].shape)} in the other model: the models must share one "
+                                  "architecture (the same layer widths); only task heads, which "
+                                  "tm.merge finds itself (heads='auto'), may differ. Merge experts with "
+                                  "the same widths; with tm.align, exclude=[parameter names] leaves "
+                                  "task-specific parameters out of matching")
     keep = {p for p, _ in spec.axes if p not in exclude}
     return ({p: ref[p].detach() for p in keep}, {p: oth[p].detach() for p in keep})
 
@@ -174,7 +199,8 @@ class _Matcher:
         self._terms: dict = {}  # param -> its objective term at the current perms
         result = AlignResult(perms, [self.tracked(perms, None)],
                              sources={g: "activation" if g in self.scorers else "weight" for g in order})
-        for sweep in range(max_iter):
+        sweeps = bar(range(max_iter), "align: sweep")
+        for sweep in sweeps:
             rng.shuffle(order)
             changed, moved = False, set()
             for g in order:
@@ -191,6 +217,8 @@ class _Matcher:
             result.objective.append(self.tracked(perms, moved))
             if not changed:
                 break
+        sweeps.close()
+        result.converged = not order or (result.sweeps > 0 and not changed)
         return result
 
     def update(self, g: str, perms: dict) -> bool:

@@ -1,7 +1,9 @@
 """The ``torchmerge`` console command: ``torchmerge demo`` and ``torchmerge bench``.
 
+    torchmerge                           # this help
+    torchmerge --version
     torchmerge demo                      # train 4 non-local MNIST experts (cached), merge, report
-    torchmerge demo --quick --out /tmp/d # a tiny smoke run (seconds)
+    torchmerge demo --quick              # a tiny smoke run (seconds), in torchmerge-demo/quick/
     torchmerge bench                     # run benchmarks/bench_*.py of a source checkout
     torchmerge bench discover --list     # list benchmark scripts / result files only
 """
@@ -15,12 +17,28 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import TorchMergeError
+from .errors import TorchMergeError, did_you_mean
+
+DIST = "torchmerge-nonlocal"  # the distribution name (pyproject.toml)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own ``__version__`` (a source
+    checkout that is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(DIST)
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchmerge", description="Merge non-local expert models into one task-conditioned module.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
     sub.required = True
 
@@ -28,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train (or load cached) experts from two pretrainings, merge them "
                                       "with every method with and without correction, print the table "
                                       "and write results.json, results.md and plots to --out.")
-    demo.add_argument("--out", default="torchmerge-demo", metavar="DIR",
-                      help="output directory (results, plots, cached experts); default: %(default)s")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="output directory (results, plots, cached experts); default: torchmerge-demo, "
+                           "and torchmerge-demo/quick with --quick (a quick run never overwrites the full one)")
     demo.add_argument("--quick", action="store_true",
                       help="tiny smoke run: 600 images, 1 epoch, methods average and ties")
     demo.add_argument("--retrain", action="store_true", help="ignore cached experts and train again")
@@ -61,7 +80,9 @@ def _method_list(text: str) -> tuple:
     names = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in names if m not in ALL_METHODS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}; valid: {', '.join(ALL_METHODS)}")
+        hints = "".join(did_you_mean(m, ALL_METHODS) for m in unknown[:1])
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or [text]}{hints}; valid: "
+                                         f"{', '.join(ALL_METHODS)}")
     return names
 
 
@@ -77,7 +98,11 @@ def _positive_int(text: str) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:  # a bare `torchmerge`: say what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args, "torchmerge " + " ".join(argv))
@@ -93,7 +118,9 @@ def _demo(args, command: str) -> int:
     from .demo import DemoConfig, run
 
     torch.set_num_threads(args.threads)
-    options = dict(out=args.out, retrain=args.retrain, dataset=args.dataset, seed=args.seed)
+    options = dict(retrain=args.retrain, dataset=args.dataset, seed=args.seed)
+    if args.out is not None:
+        options["out"] = args.out
     if args.methods:
         options["methods"] = args.methods
     cfg = DemoConfig.quick_config(**options) if args.quick else DemoConfig(**options)

@@ -47,6 +47,7 @@ from .batches import Inputs, first_call, iter_calls
 from .errors import TorchMergeError
 from .module_sites import first_tensor
 from .modules import TaskAffine
+from .progress import bar, stage, using
 from .stats import Moments, _dist_ready, _mode, _progress
 from .trace import trace
 from .tree import device_of as _device
@@ -57,7 +58,7 @@ MODES = ("affine", "repair", "affine+tune")
 def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
               allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
               tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
-              tune_heads: bool = False, progress: bool = False) -> dict:
+              tune_heads: bool = False, progress: bool | None = None) -> dict:
     """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
 
     ``experts``: one per task — the experts given to ``tm.merge`` (permuted here into the merged
@@ -65,7 +66,8 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
     their aligned copies. ``data``: one iterable of batches per task (``None``: no data for that
     task — an error unless ``allow_uncorrected=True``, which leaves that task's affines at the
     identity). Arguments are checked before any work (:mod:`torchmerge.validate`); if fitting
-    fails partway, the merged model is left as it was.
+    fails partway, the merged model is left as it was. ``progress``: tqdm bars per pass (None:
+    when stderr is a terminal; see :mod:`torchmerge.progress`).
     """
     options = dict(passes=passes, eps=eps, tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
                    tune_heads=tune_heads, progress=progress)
@@ -81,8 +83,17 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
 def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None,
                 allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
                 tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
-                tune_heads: bool = False, progress: bool = False) -> dict:
+                tune_heads: bool = False, progress: bool | None = None) -> dict:
     """:func:`calibrate` on checked arguments and aligned experts (what ``tm.merge`` calls)."""
+    with using(progress):
+        return _fit_affines(merged, experts, data, mode, max_batches=max_batches,
+                            allow_uncorrected=allow_uncorrected, passes=passes, eps=eps,
+                            tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
+                            tune_heads=tune_heads)
+
+
+def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected, passes, eps,
+                 tune_steps, tune_lr, tune_loss, tune_heads) -> dict:
     experts, data = list(experts), list(data) if data is not None else [None] * merged.num_tasks
     missing = [merged.task_names[t] for t, d in enumerate(data) if d is None]
     if missing and not allow_uncorrected:
@@ -91,7 +102,7 @@ def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None
     if not merged.sites():
         raise TorchMergeError("the merged model has no TaskAffine sites to calibrate; build it with "
                               "sites='layer' or 'block'")
-    opts = dict(max_batches=max_batches, passes=passes, eps=eps, progress=progress)
+    opts = dict(max_batches=max_batches, passes=passes, eps=eps, progress=None)
     report = {"mode": mode, "passes": passes, "uncorrected": missing, "tasks": {}}
     with _restored_on_error(merged):
         if mode == "repair":
@@ -99,12 +110,15 @@ def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None
         else:
             for t, (expert, batches) in enumerate(zip(experts, data)):
                 if batches is not None:
-                    report["tasks"][merged.task_names[t]] = _fit_task(merged, expert, batches, t, **opts)
+                    name = merged.task_names[t]
+                    report["tasks"][name] = _fit_task(merged, expert, batches, t, **opts,
+                                                      what=f"calibrate {mode}: {name}")
         if mode == "affine+tune":
             for t, (expert, batches) in enumerate(zip(experts, data)):
                 if batches is not None:
-                    loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr, loss=tune_loss,
-                                heads=tune_heads, max_batches=max_batches)
+                    with stage(f"calibrate {mode}: {merged.task_names[t]} tune"):
+                        loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr,
+                                    loss=tune_loss, heads=tune_heads, max_batches=max_batches)
                     report["tasks"][merged.task_names[t]]["tune_loss"] = loss
     merged.info = {**getattr(merged, "info", {}), "calibration": report}
     return report
@@ -184,7 +198,7 @@ def observed_expert(merged, expert: nn.Module, example: Inputs, on_site) -> fx.G
         raise TorchMergeError(f"the graph build traces experts with positional inputs, but the data's "
                               f"batches are keyword arguments {sorted(example.kwargs)}; merge with "
                               "build='inject'")
-    gm = trace(expert, example.args, **getattr(merged, "trace_options", {}))
+    gm = _trace_small(expert, example, getattr(merged, "trace_options", {}))
     nodes = {n.name: n for n in gm.graph.nodes}
     for i, (name, site) in enumerate(merged.sites().items()):
         if site.site_node not in nodes:
@@ -198,6 +212,18 @@ def observed_expert(merged, expert: nn.Module, example: Inputs, on_site) -> fx.G
         node.replace_all_uses_with(obs, delete_user_cb=lambda user, obs=obs: user is not obs)
     gm.recompile()
     return gm
+
+
+def _trace_small(expert, example: Inputs, options) -> fx.GraphModule:
+    """``trace`` on the batch's first two samples: tracing runs its input once (to record shapes),
+    and a whole batch would cost one more forward per task. The whole batch if that fails."""
+    b = example.batch_size
+    if b is not None and b > 2:
+        try:
+            return trace(expert, example.rows(torch.arange(2)).args, **options)
+        except TorchMergeError:
+            pass
+    return trace(expert, example.args, **options)
 
 
 class _Observer(nn.Module):
@@ -220,7 +246,7 @@ def _call(model, inputs: Inputs, **extra):
     return inputs(model, **extra)
 
 
-def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progress=False) -> dict:
+def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progress=None) -> dict:
     """``{site: Moments}`` of ``expert`` where each site of ``merged`` sits (fx node or module)."""
     sites = merged.sites()
     stats = {name: Moments() for name in sites}
@@ -233,7 +259,7 @@ def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progres
 
 
 def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None,
-                   max_batches=None, progress=False) -> dict:
+                   max_batches=None, progress=None) -> dict:
     """``{site: Moments}`` of ``merged`` for ``task`` at each site's input (or output).
 
     ``on_batch(site_name, site, moments)``, if given, runs after each update, before the site's
@@ -241,48 +267,61 @@ def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None
     """
     sites = merged.sites()
     stats = {name: Moments() for name in sites}
+    maps = {}  # sites that ran fused with their norm: stats are of the norm's input, and its map
 
-    def hook(name, site, x):
+    def hook(name, site, x, norm_map=None):
         stats[name].update(x.detach(), site.channel_axis)
+        if norm_map is not None:
+            maps[name] = norm_map
         if on_batch is not None:
-            on_batch(name, site, stats[name])
+            on_batch(name, site, _mapped(stats[name], norm_map))
 
     handles = []
     try:
         for name, site in sites.items():
             if where == "input":
-                handles.append(_on_affine_input(site, lambda s, x, name=name: hook(name, s, x)))
+                handles += _on_affine_input(site, lambda s, x, ab, name=name: hook(name, s, x, ab))
             else:
                 handles.append(site.register_forward_hook(
                     lambda m, args, out, name=name: hook(name, m, out)))
-        with _mode([merged], False), _unfused(merged):
+        with _mode([merged], False):
             for x in _progress(iter_calls(batches, max_batches, _device(merged)), progress, batches,
                                max_batches):
                 _call(merged, x, task=task)
     finally:
         for h in handles:
             h.remove()
-    return _reduced(stats)
+    reduced = _reduced(stats)
+    return {name: _mapped(m, maps.get(name)) for name, m in reduced.items()}
 
 
-def _on_affine_input(site, fn):
-    """Hook ``fn(site, x)`` on the tensor the site's affine acts on (after an absorbed norm),
-    before the affine runs: the site's ``observe`` identity."""
-    return site.observe.register_forward_hook(lambda m, args, out: fn(site, out))
+def _on_affine_input(site, fn) -> list:
+    """Hooks calling ``fn(site, x, norm_map)`` before the site's affine runs; returns the handles.
+
+    ``x`` is the tensor the affine acts on (``norm_map`` None: the ``observe`` identity's output),
+    or — where the site runs an absorbed eval BatchNorm fused with its affine (one pass, as at
+    inference; calibrating through the two-step path would cost an extra pass over every
+    activation) — the norm's input, with ``norm_map = (a, b)``: the affine acts on ``a·x + b``."""
+    def fused(module, args):
+        norm = site._norm
+        if norm is not None and site.fuse and not norm.training:
+            fn(site, args[0], _norm_map(norm))
+
+    return [site.observe.register_forward_hook(lambda m, args, out: fn(site, out, None)),
+            site.register_forward_pre_hook(fused)]
 
 
-@contextlib.contextmanager
-def _unfused(merged):
-    """Two-step norm + affine at every site, so hooks see the affine's input."""
-    sites = list(merged.sites().values())
-    flags = [s.fuse for s in sites]
-    try:
-        for s in sites:
-            s.fuse = False
-        yield
-    finally:
-        for s, flag in zip(sites, flags):
-            s.fuse = flag
+def _norm_map(norm) -> tuple:
+    """Per-channel (a, b), float64: an eval BatchNorm computes ``a·x + b``."""
+    a = (norm.running_var.double() + norm.eps).rsqrt()
+    a = a if norm.weight is None else a * norm.weight.double()
+    b = -norm.running_mean.double() * a
+    return a, b if norm.bias is None else b + norm.bias.double()
+
+
+def _mapped(moments: Moments, norm_map) -> Moments:
+    """The moments of the affine's input: ``moments`` itself, or mapped through the norm."""
+    return moments if norm_map is None else moments.mapped(*norm_map)
 
 
 def site_moments(merged, experts, data, task, max_batches=None) -> dict:
@@ -319,15 +358,17 @@ def _set_rows(site: TaskAffine, rows, scale, shift) -> None:
         site.shift[rows] = shift.to(site.shift)
 
 
-def _fit_task(merged, expert, batches, t, *, max_batches, passes, eps, progress) -> dict:
+def _fit_task(merged, expert, batches, t, *, max_batches, passes, eps, progress, what="") -> dict:
     """Progressive closed-form fit of task t's rows: one paired pass, then ``passes − 1`` refits."""
     sites = merged.sites()
     for site in sites.values():  # start from the identity: the fit is relative to the raw input
         _set_rows(site, t, torch.ones(1), torch.zeros(1))
-    target, stats, count = _paired_pass(merged, expert, batches, t, max_batches, eps, progress)
+    with stage(f"{what} pass 1 (expert + merged)"):
+        target, stats, count = _paired_pass(merged, expert, batches, t, max_batches, eps, progress)
     for p in range(passes):
         if p > 0:
-            stats = merged_moments(merged, t, batches, max_batches=max_batches, progress=progress)
+            with stage(f"{what} pass {p + 1}"):
+                stats = merged_moments(merged, t, batches, max_batches=max_batches, progress=progress)
         before = {n: site.scale[t].detach().clone() for n, site in sites.items()}
         for name, site in sites.items():
             _set_rows(site, t, *affine_fit(stats[name], target[name].mean, target[name].var, eps))
@@ -342,28 +383,28 @@ def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
     sites = merged.sites()
     target = {name: Moments() for name in sites}
     mine = {name: Moments() for name in sites}
+    maps = {}  # sites run fused with their norm: ``mine`` holds the norm's input (see _on_affine_input)
     batch_target = {name: [] for name in sites}  # this batch's expert moments, one per call
 
     def on_expert(name, x):
-        axis = sites[name].channel_axis
-        target[name].update(x, axis)
-        batch_target[name].append(_batch_moments(x, axis))
+        batch_target[name].append(target[name].update(x, sites[name].channel_axis).last_batch())
 
-    def pre_hook(site, x, name):
-        x = x.detach()
-        mine[name].update(x, site.channel_axis)
+    def pre_hook(site, x, name, norm_map):
+        mean_m, var_m = mine[name].update(x.detach(), site.channel_axis).last_batch()
+        if norm_map is not None:
+            maps[name] = a, b = norm_map
+            mean_m, var_m = a * mean_m + b, a.square() * var_m
         calls = batch_target[name]
         mean_e, var_e = calls.pop(0) if len(calls) > 1 else calls[0]
-        mean_m, var_m = _batch_moments(x, site.channel_axis)
         scale = (var_e + eps).sqrt() / (var_m + eps).sqrt()
         _set_rows(site, t, scale, mean_e - scale * mean_m)
 
-    handles = [_on_affine_input(site, lambda s, x, name=name: pre_hook(s, x, name))
-               for name, site in sites.items()]
+    handles = [h for name, site in sites.items()
+               for h in _on_affine_input(site, lambda s, x, ab, name=name: pre_hook(s, x, name, ab))]
     device_e, device_m, count = _device(expert), _device(merged), 0
     try:
         with observing(merged, expert, _first_input(batches, device_e), on_expert) as gm, \
-                _mode([gm, merged], False), _unfused(merged):
+                _mode([gm, merged], False):
             for x in _progress(iter_calls(batches, max_batches), progress, batches, max_batches):
                 count += 1
                 for calls in batch_target.values():
@@ -373,14 +414,8 @@ def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
     finally:
         for h in handles:
             h.remove()
-    return _reduced(target), _reduced(mine), count
-
-
-def _batch_moments(x, axis):
-    """Per-channel (mean, population variance) of one batch, float64."""
-    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
-    var, mean = torch.var_mean(x.double() if x.dtype != torch.float32 else x, dim=dims, correction=0)
-    return mean.double(), var.double()
+    mine = _reduced(mine)
+    return _reduced(target), {name: _mapped(m, maps.get(name)) for name, m in mine.items()}, count
 
 
 def _change(sites, before, t) -> float:
@@ -392,7 +427,10 @@ def _change(sites, before, t) -> float:
 def _fit_shared(merged, experts, data, *, max_batches, passes, eps, progress) -> dict:
     """REPAIR: one affine for all tasks, targets = experts' statistics averaged over tasks."""
     present = [t for t, d in enumerate(data) if d is not None]
-    targets = [expert_moments(merged, experts[t], data[t], max_batches, progress) for t in present]
+    targets = []
+    for t in present:
+        with stage(f"calibrate repair: {merged.task_names[t]} expert stats"):
+            targets.append(expert_moments(merged, experts[t], data[t], max_batches, progress))
     sites = merged.sites()
     mean = {n: torch.stack([tg[n].mean for tg in targets]).mean(0) for n in sites}
     var = {n: torch.stack([tg[n].var.sqrt() for tg in targets]).mean(0).square() for n in sites}
@@ -405,8 +443,9 @@ def _fit_shared(merged, experts, data, *, max_batches, passes, eps, progress) ->
 
     for p in range(passes):
         online = p == 0 and passes > 1
-        stats = merged_moments(merged, present[0], union, on_batch=refit if online else None,
-                               progress=progress)
+        with stage(f"calibrate repair: pass {p + 1}"):
+            stats = merged_moments(merged, present[0], union, on_batch=refit if online else None,
+                                   progress=progress)
         for name, site in sites.items():
             refit(name, site, stats[name])
     return {merged.task_names[t]: {"sites": len(sites), "shared": True} for t in present}
@@ -446,7 +485,7 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     with _only_trainable(merged, params), _mode([merged, expert], False), torch.enable_grad():
-        for step in range(steps):
+        for step in bar(range(steps), "tune steps"):
             x = batches_list[step % len(batches_list)]
             with torch.no_grad():
                 target = logits_of(x.to(_device(expert))(expert))

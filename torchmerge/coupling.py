@@ -3,7 +3,9 @@
 Each fx node gets a *value*: a list of layout terms (one per tensor axis, see :mod:`layout`), a
 tuple of values for tuple outputs, or ``None`` for non-tensors. Rules in :mod:`rules` say how an
 op maps its inputs' terms to its output's terms and which terms it unifies; an op without a rule
-freezes every space it touches. Model inputs and outputs are frozen.
+freezes every space it touches. Model inputs and outputs are frozen. After the walk each
+tensor-valued node holds its :class:`~torchmerge.layout.AxisLayout` tuple in ``node.meta["layout"]``
+(which axis carries channels), which the build reads to place per-channel affines.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .layout import UNIT, Reason, Spaces
+from .layout import UNIT, Reason, Spaces, axes_of
 from .trace import module_path
 
 
@@ -58,15 +60,15 @@ class Ctx:
         for t in terms:
             self.spaces.freeze(t, self.reason(why))
 
-    def fixed(self, size: int, why="axis not derived from parameters"):
-        return self.spaces.atom(size, frozen=self.reason(why))
+    def fixed(self, size: int, why="axis not derived from parameters", origin="data"):
+        return self.spaces.atom(size, frozen=self.reason(why), origin=origin)
 
-    def fixed_like(self, shape, why="axis not derived from parameters"):
+    def fixed_like(self, shape, why="axis not derived from parameters", origin="data"):
         """Frozen value for an output of ``shape`` (a tensor shape tuple, or a list for containers)."""
         if isinstance(shape, tuple):
-            return [self.fixed(s, why) for s in shape]
+            return [self.fixed(s, why, origin) for s in shape]
         if isinstance(shape, list):
-            return tuple(self.fixed_like(s, why) for s in shape)
+            return tuple(self.fixed_like(s, why, origin) for s in shape)
         return None
 
     def param(self, qualname: str) -> list:
@@ -116,7 +118,8 @@ class Walker:
             # integer tensors hold indices (position ids, masks): their order is data, never permuted
             frozen = None if tensor.is_floating_point() or tensor.is_complex() else Reason(
                 "integer tensor (indices or counts)", op=str(tensor.dtype), module_path=name)
-            self.params[name] = [self.spaces.atom(s, frozen=frozen) for s in tensor.shape]
+            origin = "data" if frozen else "param"
+            self.params[name] = [self.spaces.atom(s, frozen=frozen, origin=origin) for s in tensor.shape]
         return self.params[name]
 
     def run(self) -> None:
@@ -130,6 +133,15 @@ class Walker:
                 value = self.fallback(c, "rule produced a layout that does not fit the output shape")
             self.env[node] = value
         self._freeze_dropped()
+        self._record_layouts()
+
+    def _record_layouts(self) -> None:
+        """``node.meta["layout"]``: the AxisLayout of each axis of every tensor-valued node."""
+        ids: dict = {}
+        for node, value in self.env.items():
+            value = value.layout if isinstance(value, Lazy) else value
+            if isinstance(value, list):
+                node.meta["layout"] = axes_of(self.spaces, value, ids)
 
     def _freeze_dropped(self) -> None:
         """Freeze what slices dropped and no slice kept (see rules.slice_piece)."""
@@ -147,7 +159,7 @@ class Walker:
                 touched.append(self.param_layout(f"{c.node.target}.{name}"))
         for v in touched:
             c.freeze(tensor_terms(v), why)
-        return c.fixed_like(c.out_shape, why)
+        return c.fixed_like(c.out_shape, why, origin="unknown")
 
 
 class _Unsupported(Exception):

@@ -36,16 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TorchMergeError
+from .validate import method_names
 
-ALL_METHODS = ("average", "task_arithmetic", "ties", "dare", "tall", "consensus", "regmean", "fisher",
-               "mats", "pleas")
+ALL_METHODS = method_names()  # the registry, tm.methods.METHODS, then "pleas"
 UNCORRECTABLE = ("pleas",)  # may widen layers: the affine correction does not apply
 QUICK_METHODS = ("average", "ties")
+FULL_OUT, QUICK_OUT = "torchmerge-demo", "torchmerge-demo/quick"  # a quick run never overwrites a full one
 
 
 @dataclass
 class DemoConfig:
-    out: str = "torchmerge-demo"
+    out: str = FULL_OUT
     quick: bool = False
     retrain: bool = False
     methods: tuple = ALL_METHODS
@@ -64,8 +65,8 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
-        base = dict(quick=True, methods=QUICK_METHODS, width=32, channels=(4,), pretrain_epochs=1, finetune_epochs=1,
-                    train_limit=600, calib_batches=2)
+        base = dict(out=QUICK_OUT, quick=True, methods=QUICK_METHODS, width=32, channels=(4,), pretrain_epochs=1,
+                    finetune_epochs=1, train_limit=600, calib_batches=2)
         base.update(kw)
         return cls(**base)
 
@@ -287,22 +288,20 @@ def build_setting(cfg: DemoConfig, log=print) -> Setting:
 
 
 class _progress:
-    """tqdm progress bar if installed, else a silent counter; ``with _progress(n, what) as tick``."""
+    """A :func:`torchmerge.progress.bar` (tqdm when installed and stderr is a terminal, else
+    silent); ``with _progress(n, what) as tick``."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.desc, self.bar = total, desc, None
 
     def __enter__(self):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return lambda: None
-        self.bar = tqdm(total=self.total, desc=self.desc, leave=False)
+        from .progress import bar
+
+        self.bar = bar(None, self.desc, total=self.total)
         return lambda: self.bar.update(1)
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,20 +351,21 @@ def run(cfg: DemoConfig, plot: bool = True, docs=None, command: str = "torchmerg
     if best is not None:  # measured on held-out test images, not the calibration batches
         for correction in (None, "affine"):
             merged = merge_one(setting, best, correction, cfg)
-            ratios[str(correction)] = variance_ratios(merged, setting.experts, setting.test)
+            labels = site_labels(merged, setting.experts[0])
+            ratios[str(correction)] = {task: {labels.get(k, k): v for k, v in r.items()} for task, r in
+                                       variance_ratios(merged, setting.experts, setting.test).items()}
     results = {"command": command, "config": _jsonable(asdict(cfg)), "dataset": setting.dataset,
                "tasks": [asdict(t) for t in setting.tasks], "rows": rows, "best_method": best,
                "variance_ratios": ratios, "seconds": round(time.perf_counter() - start, 1)}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    markdown = results_markdown(results)
-    (out / "results.md").write_text(markdown)
-    if docs:
-        Path(docs).write_text(markdown)
     print_table(results, log)
     log(summary(results))
-    if plot:
-        _plots(results, out, log)
-    log(f"results: {out / 'results.json'}, {out / 'results.md'} ({results['seconds']} s)")
+    results["plots"] = _plots(results, out, log) if plot else []
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(results_markdown(results))
+    if docs:  # plot links relative to the docs file
+        Path(docs).write_text(results_markdown(results, Path(docs).resolve().parent))
+    plots = f"; plots: {', '.join(str(out / p) for p in results['plots'])}" if results["plots"] else ""
+    log(f"results: {out / 'results.json'}, {out / 'results.md'}{plots} ({results['seconds']} s)")
     return results
 
 
@@ -373,8 +373,26 @@ def _row(setting, method, correction, cfg, expert_acc) -> dict:
     t0 = time.perf_counter()
     merged = merge_one(setting, method, correction, cfg)
     row = {"method": method, "correction": str(correction), **evaluate_merged(merged, setting, expert_acc)}
+    info = merged.info.get("merge_info") or {}
+    if "cg_iterations" in info:  # MaTS: did conjugate gradient run, and converge?
+        row["cg"] = {"max_iterations": max(info["cg_iterations"].values(), default=0),
+                     "max_relative_residual": info.get("max_relative_residual"), "tol": info.get("tol")}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def site_labels(merged, expert: nn.Module) -> dict:
+    """``{site name: readable label}``: the module path (and class) each correction site follows,
+    e.g. ``'sites.site1_features_6' -> 'features.6 (BatchNorm1d)'``; fx node names for sites after a
+    function (``'add_3'``)."""
+    modules = dict(expert.named_modules())
+    by_node = {path.replace(".", "_"): path for path in modules if path}  # fx names call_module nodes so
+    out = {}
+    for name, site in merged.sites().items():
+        path = getattr(site, "site_module", None) or by_node.get(getattr(site, "site_node", None) or "")
+        out[name] = f"{path} ({type(modules[path]).__name__})" if path in modules else \
+            f"fx node {getattr(site, 'site_node', name)}"
+    return out
 
 
 def _jsonable(d: dict) -> dict:
@@ -395,7 +413,8 @@ def _table_lines(results: dict) -> tuple[list, list]:
     return header, body
 
 
-def results_markdown(results: dict) -> str:
+def results_markdown(results: dict, rel_to: Path | None = None) -> str:
+    """The markdown report; plot links relative to ``rel_to`` (default: next to the plots)."""
     header, body = _table_lines(results)
     lines = ["# Demo results", "",
              f"Command: `{results['command']}` (dataset: {results['dataset']}, "
@@ -414,7 +433,37 @@ def results_markdown(results: dict) -> str:
         lines += ["", f"Variance ratio var(merged) / var(expert) per site, mean over channels and tasks "
                       f"(`{results['best_method']}`, held-out test images):", "", "| site | no correction | affine |", "|---|---|---|"]
         lines += [f"| {s} | {before[s]:.3f} | {after[s]:.3f} |" for s in before]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _notes(results, rel_to)) + "\n"
+
+
+def _notes(results: dict, rel_to: Path | None) -> list:
+    """Plots (linked), why some rows look odd, and what is reproducible."""
+    import os
+
+    out, lines = Path(results["config"]["out"]).resolve(), [""]
+    if results.get("plots"):
+        links = [f"[{p}]({Path(os.path.relpath(out / p, rel_to)).as_posix() if rel_to else p})"
+                 for p in results["plots"]]
+        lines += [f"Plots: {', '.join(links)}.", ""]
+    rows = {(r["method"], r["correction"]): r for r in results["rows"]}
+    same = [c for (m, c) in rows if m == "mats" and ("regmean", c) in rows
+            and rows["mats", c]["accuracy"] == rows["regmean", c]["accuracy"]]
+    cg = next((rows["mats", c]["cg"] for c in same if "cg" in rows["mats", c]), None)
+    if same and cg:
+        lines += [f"`mats` equals `regmean` digit for digit: with `statistic=\"gram\"` MaTS solves the same "
+                  "linear system W (Σᵢ G̃ᵢ) = Σᵢ Wᵢ G̃ᵢ that RegMean solves in closed form. On the demo's "
+                  f"linear/conv layers its conjugate gradient ran (up to {cg['max_iterations']} iterations "
+                  f"per weight) and converged (relative residual ≤ {cg['max_relative_residual']:.1e}, tol "
+                  f"{cg['tol']:g}) to RegMean's solution: the weights agree up to that tolerance, the "
+                  "accuracies to every digit shown.", ""]
+    if any(m in UNCORRECTABLE for m, _ in rows):
+        lines += ["`pleas` has one row (one bar in the plot): it may widen layers, so merged channels no "
+                  "longer match an expert's one to one and the affine correction does not apply; its "
+                  "layer-wise least squares already fit each expert's outputs.", ""]
+    lines += ["Reproducible: the same command with the same seeds, torch build and kernels (same "
+              "machine, same thread count) gives this table digit for digit; another CPU or torch "
+              "version changes the last digits (floating-point reduction order), not the conclusions."]
+    return lines
 
 
 def summary(results: dict) -> str:
@@ -463,16 +512,26 @@ def print_table(results: dict, log=print) -> None:
             console.print(table)
 
 
-def _plots(results: dict, out: Path, log=print) -> None:
+def _plots(results: dict, out: Path, log=print) -> list:
+    """Writes the PNGs; returns their file names (in ``out``)."""
     from .analysis import plot_variance_ratios
 
+    written = []
     try:
+        _accuracy_plot(results, out / "accuracy.png")
+        written.append("accuracy.png")
         if results["variance_ratios"]:
             r = results["variance_ratios"]
-            plot_variance_ratios({"no correction": r["None"], "affine": r["affine"]}, out / "variance_ratios.png")
-        _accuracy_plot(results, out / "accuracy.png")
+            fig = plot_variance_ratios({"no correction": r["None"], "affine": r["affine"]},
+                                       title=f"{results['best_method']}: var(merged) / var(expert)")
+            for ax in fig.axes:  # full labels: module path and class
+                ax.set_xticks(ax.get_xticks(), list(next(iter(r["None"].values()))), rotation=30, ha="right",
+                              fontsize=7)
+            fig.savefig(out / "variance_ratios.png", dpi=120)
+            written.append("variance_ratios.png")
     except TorchMergeError as err:
         log(f"(no plots: {err})")
+    return written
 
 
 def _accuracy_plot(results: dict, path: Path) -> None:
@@ -485,6 +544,10 @@ def _accuracy_plot(results: dict, path: Path) -> None:
         vals = {r["method"]: r["normalized"] for r in rows if r["correction"] == corr}
         ax.bar([j + 0.4 * i for j in range(len(methods))], [vals.get(m, 0.0) for m in methods], width=0.4,
                label="no correction" if corr == "None" else "affine correction")
+    for j, m in enumerate(methods):
+        if m in UNCORRECTABLE:  # why it has one bar
+            ax.text(j + 0.4, 0.03, "no affine:\nmay widen\nlayers", ha="center", va="bottom", fontsize=6)
+    ax.set_title("normalized accuracy per merge method, without and with the affine correction", fontsize=10)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks([j + 0.2 for j in range(len(methods))], methods, rotation=30, ha="right")
     ax.set_ylabel("normalized accuracy (merged / expert)")

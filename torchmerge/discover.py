@@ -7,6 +7,7 @@ from torch import nn
 from .coupling import Walker
 from .errors import VerificationError
 from .layout import Atom
+from .progress import bar
 from .spec import FrozenSpace, Group, PermutationSpec, Probe, _names, permute
 from .batches import example_inputs_of
 from .trace import capture, eval_mode
@@ -31,13 +32,20 @@ def discover(model: nn.Module, example_inputs, *, leaf_modules=(), concrete_args
     >>> [(g.size, len(g.members)) for g in spec.groups.values()]
     [(8, 7)]
     """
-    gm = capture(model, example_inputs, leaf_modules, concrete_args, capture_method)
-    walker = Walker(gm, model, leaf_modules)
-    walker.run()
-    spec = build_spec(walker)
-    if verify and spec.groups:
-        verify_spec(model, spec, gm.meta.get("inputs", example_inputs), concrete_args,
-                    gm.meta.get("example_outputs"))
+    with bar(None, "discover", total=3) as steps:  # a progress bar naming the step
+        steps.set_postfix_str("capture")
+        gm = capture(model, example_inputs, leaf_modules, concrete_args, capture_method)
+        steps.update()
+        steps.set_postfix_str("couple")
+        walker = Walker(gm, model, leaf_modules)
+        walker.run()
+        spec = build_spec(walker)
+        steps.update()
+        if verify and spec.groups:
+            steps.set_postfix_str("verify")
+            verify_spec(model, spec, gm.meta.get("inputs", example_inputs), concrete_args,
+                        gm.meta.get("example_outputs"))
+        steps.update()
     return spec
 
 

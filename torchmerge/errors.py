@@ -36,3 +36,28 @@ class ArgumentError(TorchMergeError, ValueError):
 class ArgumentTypeError(TorchMergeError, TypeError):
     """An argument of ``tm.merge`` / ``tm.calibrate`` has the wrong type (``k="0.2"``,
     ``task_names="ab"``, ``data=5``); checked up front."""
+
+
+def did_you_mean(value, valid) -> str:
+    """`` (did you mean 'ties'?)`` for a near miss of ``value`` among the names ``valid`` (compared
+    case-insensitively; a miss by case only says so), else ``""``."""
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    lower = {v.lower(): v for v in valid if isinstance(v, str)}
+    close = difflib.get_close_matches(value.lower(), list(lower), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    case = " names are case-sensitive" if close[0] == value.lower() else ""
+    return f" (did you mean {lower[close[0]]!r}?{case})"
+
+
+def unknown_name(what: str, value, valid) -> str:
+    """The message for a name that is not one of ``valid``: names are exact (case-sensitive, as
+    documented); a near miss gets a "did you mean", then the full valid list.
+
+    >>> unknown_name("merge method", "Ties", ["average", "ties"])
+    "unknown merge method 'Ties' (did you mean 'ties'? names are case-sensitive); valid: 'average', 'ties'"
+    """
+    return f"unknown {what} {value!r}{did_you_mean(value, valid)}; valid: {', '.join(map(repr, valid))}"

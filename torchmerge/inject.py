@@ -57,7 +57,7 @@ from torch import nn
 
 from .batches import Inputs, example_inputs_of
 from .errors import TorchMergeError
-from .merged import MergedModel, _forget_applied
+from .merged import MergedModel, _rewrite_weights
 from .module_sites import select_module_sites, task_attributes
 from .modules import ChannelAffine, TaskAffine, TaskHeads, stitch_rows
 from .rewrite import fold_affine
@@ -69,7 +69,7 @@ RESERVED = ("task_sites", "task_weights")
 API_NAMES = ("task", "set_task", "task_index", "num_tasks", "sites", "heads", "export", "save",
              "task_parameters", "active_task", "task_names", "info", *RESERVED)
 #: Instance attributes of the injected build (removed again by ``export``).
-STATE = ("_task_context", "task_names", "_applied", "info", "_task_attrs", "_attr_groups",
+STATE = ("_task_context", "task_names", "info", "_task_attrs", "_attr_groups",
          "task_weights", "task_sites")
 EXPORTED_AFFINE = "torchmerge_affine"
 _MISSING = object()
@@ -197,11 +197,10 @@ class InjectedModel(MergedModel):
     def _run(self, args, kwargs, task):
         """Your model's forward with ``task`` in the context (and its weights and attributes)."""
         context = self._task_context
-        if isinstance(task, int):
-            self._apply_weights(task)
+        weights = self._weights_of(task) if isinstance(task, int) else contextlib.nullcontext()
         previous, context.current = context.current, task
         try:
-            with self._attributes(task if isinstance(task, int) else 0):
+            with weights, self._attributes(task if isinstance(task, int) else 0):
                 return super(InjectedModel, self).forward(*args, **kwargs)
         finally:
             context.current = previous
@@ -237,12 +236,6 @@ class InjectedModel(MergedModel):
         module = self.get_submodule(path)
         return module.config if in_config else module
 
-    def set_task(self, task) -> None:
-        """Make ``task`` (index or name) active; TALL weights are written now, so submodules called
-        directly (``merged.bert(...)``) also run it."""
-        super().set_task(task)
-        self._apply_weights(self.active_task)
-
     def __reduce_ex__(self, protocol):
         """Pickle by the user's class (the dynamic subclass is rebuilt on load)."""
         return _new_injected, (self._torchmerge_base,), self.__dict__
@@ -260,8 +253,8 @@ class InjectedModel(MergedModel):
         the graph build); the export is built from the merged model either way.
         """
         t = self.active_task if task is None else self.task_index(task)
-        self._apply_weights(t)
-        out = _copy_without(self, self._export_skips(t))
+        with self._weights_of(t, as_parameters=True):  # copied inside: plain parameters of task t
+            out = _copy_without(self, self._export_skips(t))
         out.__class__ = self._torchmerge_base
         for name in STATE:
             out._modules.pop(name, None)
@@ -473,7 +466,7 @@ def _remove_hooks(model: nn.Module) -> None:
             del m._forward_hooks[hid]
             m._forward_hooks_with_kwargs.pop(hid, None)
             m._forward_hooks_always_called.pop(hid, None)
-    for hid in [h for h, fn in model._load_state_dict_post_hooks.items() if fn is _forget_applied]:
+    for hid in [h for h, fn in model._load_state_dict_post_hooks.items() if fn is _rewrite_weights]:
         del model._load_state_dict_post_hooks[hid]
 
 

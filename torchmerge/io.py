@@ -205,6 +205,8 @@ def _load_graph(manifest, tensors, model, example_inputs) -> GraphMergedModel:
     head_paths = manifest["heads"]["paths"]
     body = _strip(tensors, "body.")
     shared = {k: v for k, v in body.items() if not _under(k, head_paths) and not k.startswith("sites.")}
+    weights = _task_weights(manifest, tensors)
+    shared.update(_masked(weights, manifest))
     template = _template(model, shared, manifest, tensors, "body.", check_missing=False)
     heads = _task_heads(template, tensors, "body.", manifest)
     example = _example_call(manifest, example_inputs, _device_or_cpu(model))
@@ -219,7 +221,7 @@ def _load_graph(manifest, tensors, model, example_inputs) -> GraphMergedModel:
         raise TorchMergeError(f"re-tracing {type(model).__name__} to rebuild the saved model failed: {e}\n"
                               "Pass load(..., example_inputs=<one real batch>) if the trace depends on the "
                               "input values") from e
-    merged = GraphMergedModel(gm, manifest["task_names"], _task_weights(manifest, tensors))
+    merged = GraphMergedModel(gm, manifest["task_names"], weights)
     merged.trace_options = options
     return merged
 
@@ -227,6 +229,8 @@ def _load_graph(manifest, tensors, model, example_inputs) -> GraphMergedModel:
 def _load_injected(manifest, tensors, model, example_inputs) -> InjectedModel:
     head_paths = manifest["heads"]["paths"]
     shared = {k: v for k, v in tensors.items() if not _under(k, head_paths) and k.split(".")[0] not in RESERVED}
+    weights = _task_weights(manifest, tensors)
+    shared.update(_masked(weights, manifest))
     template = _template(model, shared, manifest, tensors, "", check_missing=True)
     heads = _task_heads(template, tensors, "", manifest)
     modules = dict(template.named_modules())
@@ -241,7 +245,7 @@ def _load_injected(manifest, tensors, model, example_inputs) -> InjectedModel:
     if len(tasks) != len(manifest["task_names"]):
         raise TorchMergeError(f"the manifest's attributes list {len(tasks)} tasks for {len(manifest['task_names'])}")
     merged = rebuild_injected(template, shared, heads, head_paths, chosen, manifest["task_names"],
-                              _task_weights(manifest, tensors), tasks)
+                              weights, tasks)
     for (path, in_config, name), value in _attribute_dict(attributes.get("base", [])).items():
         setattr(merged._attribute_owner(path, in_config), name, value)
     return merged
@@ -392,6 +396,12 @@ def _task_weights(manifest: dict, tensors: dict):
     return TaskWeights(parts["merged"], parts["base"], parts["mask"])
 
 
+def _masked(weights, manifest: dict) -> dict:
+    """The TALL-masked tensors of the active task: the merged model keeps them as non-persistent
+    buffers (not in the file), but rebuilding checks and fills every tensor of the architecture."""
+    return {} if weights is None else weights(manifest["active_task"])
+
+
 def _example_call(manifest: dict, example_inputs, device) -> tuple:
     """The positional tensors to re-trace with: ``example_inputs``, or zeros of the saved shapes."""
     if example_inputs is not None:
@@ -438,9 +448,12 @@ def _load_strict(merged: MergedModel, tensors: dict, manifest: dict) -> None:
 
     Tensor constants that fx lifted out of the forward's code (``_tensor_constant<i>``) are left
     out: the new trace computed them from the same code, and their numbering depends on how often
-    the model had been traced before."""
+    the model had been traced before. So are saved copies of non-persistent buffers (files written
+    before the TALL-masked tensors became such buffers held one)."""
     own = {k: v for k, v in merged.state_dict().items() if not _FX_CONSTANT.match(k.rpartition(".")[2])}
-    tensors = {k: v for k, v in tensors.items() if not _FX_CONSTANT.match(k.rpartition(".")[2])}
+    transient = {f"{p}.{b}" if p else b for p, m in merged.named_modules() for b in m._non_persistent_buffers_set}
+    tensors = {k: v for k, v in tensors.items() if not _FX_CONSTANT.match(k.rpartition(".")[2])
+               and k not in transient}
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     shapes = [(k, own[k].shape, v.shape) for k, v in tensors.items() if k in own and own[k].shape != v.shape]

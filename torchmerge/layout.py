@@ -13,6 +13,13 @@ refinement applies to the whole class, which restricts its permutations to a sub
 still a symmetry. When two terms cannot be matched, every atom in both is *frozen* (never
 permuted) with a reason, so discovery is never silently wrong.
 
+Each atom also records its *origins*: ``"param"`` (an axis of a parameter or float buffer),
+``"data"`` (an axis the rules made from the inputs: batch, tokens, spatial, broadcast) or
+``"unknown"`` (the output of an op without a rule). Origins merge with the classes and pass to the
+pieces of a refinement, so :meth:`Spaces.axes` can tell which axis of a value carries channels
+(:class:`AxisLayout`, kept in ``node.meta["layout"]`` by the coupling walk) and
+:func:`channel_axis` picks the one the build puts a per-channel affine on.
+
 >>> spaces = Spaces()
 >>> a, b = spaces.atom(6), spaces.atom(6)
 >>> spaces.unify(a, b)
@@ -37,6 +44,7 @@ class Atom:
     parent: "Atom | None" = None
     definition: "Term | None" = None
     frozen: "Reason | None" = None
+    origins: frozenset = frozenset()  # "param" / "data" / "unknown" (see the module docstring)
 
     def __repr__(self) -> str:
         return f"Atom({self.size}, id={id(self) % 10007})"
@@ -85,10 +93,10 @@ class Spaces:
     atoms: list = field(default_factory=list)
 
     # -- creation ---------------------------------------------------------------------------
-    def atom(self, size: int, frozen: Reason | None = None) -> "Atom | Prod":
+    def atom(self, size: int, frozen: Reason | None = None, origin: str | None = None) -> "Atom | Prod":
         if size == 1:
             return UNIT
-        a = Atom(size, frozen=frozen)
+        a = Atom(size, frozen=frozen, origins=frozenset((origin,) if origin else ()))
         self.atoms.append(a)
         return a
 
@@ -96,6 +104,9 @@ class Spaces:
         """Refine an undefined root atom into a product (or concatenation) of fresh atoms."""
         root = self.find(atom)
         parts = tuple(self.atom(s, frozen=root.frozen) for s in sizes)
+        for p in parts:
+            if isinstance(p, Atom):
+                p.origins = root.origins
         root.definition = kind(parts)
         return root.definition
 
@@ -160,15 +171,17 @@ class Spaces:
     def _union(self, a: Atom, b: Atom) -> None:
         b.parent = a
         a.frozen = a.frozen or b.frozen
+        a.origins = a.origins | b.origins
 
     def _define(self, atom: Atom, term, reason) -> None:
         if any(leaf is atom for leaf in self.leaves(term)):
             self._give_up(atom, term, reason)  # x ~ (x, y): no finite refinement exists
-        elif atom.frozen is not None:
+            return
+        for leaf in self.leaves(term):
+            leaf.origins = leaf.origins | atom.origins
+        if atom.frozen is not None:
             self.freeze(term, atom.frozen)
-            atom.definition = term
-        else:
-            atom.definition = term
+        atom.definition = term
 
     def _unify_products(self, xs: list, ys: list, reason) -> None:
         """Match two factor lists left to right, splitting atoms where sizes divide."""
@@ -193,3 +206,75 @@ class Spaces:
 
 def _sizes(t) -> tuple:
     return tuple(x.size for x in t.terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts of values: which axis carries channels
+
+
+@dataclass(frozen=True)
+class AxisLayout:
+    """What one tensor axis carries, as the coupling walk saw it.
+
+    ``kind``: ``"channel"`` (only parameter spaces: a Linear's features, a conv's channels, a
+    concatenation of them, attention heads merged back into features), ``"data"`` (batch, tokens,
+    spatial positions), ``"mixed"`` (channels laid out with data, or a space that is both: a
+    flattened ``C·H·W``, a conv's channels before a pixel shuffle, a model input's features,
+    tokens a position parameter is added to), ``"unit"`` (size 1) or ``"unknown"`` (anything
+    else, e.g. made by an op without a rule). ``spaces``: ids of the root spaces in index order
+    (equal ids: the same space, within one walk); ``frozen``: never permuted.
+    """
+
+    kind: str
+    size: int
+    spaces: tuple = ()
+    frozen: bool = False
+
+    def __repr__(self) -> str:
+        return f"{self.kind} {self.size}"
+
+
+def _kind(origins: frozenset) -> str:
+    p, d = "param" in origins, "data" in origins
+    return "mixed" if p and d else "channel" if p else "data" if d else "unknown"
+
+
+def axes_of(spaces: Spaces, terms, ids: dict) -> tuple:
+    """The :class:`AxisLayout` of each term of a tensor value; ``ids`` numbers root spaces.
+
+    >>> s = Spaces()
+    >>> batch, feat = s.atom(2, Reason("model input"), "data"), s.atom(6, origin="param")
+    >>> heads = s.split(feat, (2, 3))          # the features viewed as 2 heads x 3 dims
+    >>> axes_of(s, [batch, heads], {}), channel_axis(axes_of(s, [batch, heads.terms[0], heads.terms[1]], {}))
+    ((data 2, channel 6), None)
+    """
+    out = []
+    for t in terms:
+        leaves = list(spaces.leaves(t))
+        size = spaces.resolve(t).size
+        kinds = {_kind(leaf.origins) for leaf in leaves}
+        kind = "unit" if size == 1 else kinds.pop() if len(kinds) == 1 else \
+            "unknown" if "unknown" in kinds else "mixed"
+        out.append(AxisLayout(kind, size, tuple(ids.setdefault(id(leaf), len(ids)) for leaf in leaves),
+                              bool(leaves) and all(leaf.frozen is not None for leaf in leaves)))
+    return tuple(out)
+
+
+def channel_axis(layout, prefer: "int | None" = None) -> "int | None":
+    """The (negative) axis that carries channels: ``prefer`` (the axis the producing layer
+    defines, e.g. -1 after a Linear) where that axis carries channels, else the one ``"channel"``
+    axis, else the one ``"mixed"`` axis; None where there is none or several
+    (e.g. ``[B, heads, T, head_dim]`` before the heads are merged).
+
+    >>> c, d, m = AxisLayout("channel", 4), AxisLayout("data", 4), AxisLayout("mixed", 8)
+    >>> channel_axis((d, c, d, d)), channel_axis((d, d, m)), channel_axis((d, c, c)), channel_axis((d, c, c), -1)
+    (-3, -1, None, -1)
+    """
+    n = len(layout)
+    if prefer is not None and -n <= prefer < n and layout[prefer].kind in ("channel", "mixed"):
+        return prefer % n - n
+    for kind in ("channel", "mixed"):
+        found = [i - n for i, a in enumerate(layout) if a.kind == kind]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None

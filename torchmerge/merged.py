@@ -33,9 +33,9 @@ from .modules import TaskAffine, TaskHeads, check_task_ids, stitch_rows
 from .rewrite import export_graph, into_module
 
 
-def _forget_applied(module, incompatible_keys) -> None:
-    """After load_state_dict the weights hold whatever task's weights were saved: re-apply."""
-    module._applied = None
+def _rewrite_weights(module, incompatible_keys) -> None:
+    """After load_state_dict the bound TALL buffers hold weights of the old masks: refresh them."""
+    module.task_weights.write(module._weights_root(), module.active_task)
 
 
 class MergedModel(nn.Module):
@@ -43,8 +43,12 @@ class MergedModel(nn.Module):
 
     ``task=None`` uses the active task (``set_task`` / ``with model.task(t)``); an int or name
     selects one task; a LongTensor ``[B]`` gives each sample its own task (batch axis first).
-    ``task_weights``, if given, maps a task index to that task's weights (TALL masks): they are
-    written into the model's parameters when the task changes.
+    ``task_weights``, if given (TALL masks), is a :class:`~torchmerge.task_weights.TaskWeights`:
+    each forward computes its task's weights from it and runs with them (nothing is written into
+    the model during forward, so it trains like any other merged model: mixed batches, several
+    tasks' losses in one backward, torch.compile, DDP). The masked tensors are no parameters of
+    the model but non-persistent buffers holding the active task's weights, refreshed by
+    ``set_task``, so a submodule called directly runs the active task too.
     """
 
     def _init_tasks(self, task_names, task_weights=None) -> None:
@@ -52,10 +56,10 @@ class MergedModel(nn.Module):
         self.task_names = [str(t) for t in task_names]
         self.active_task = 0
         self.task_weights = task_weights  # a TaskWeights submodule (TALL masks) or None
-        self._applied = None
         self.info = {}
-        self.register_load_state_dict_post_hook(_forget_applied)
-        self._apply_weights(0)
+        if task_weights is not None:
+            task_weights.bind(self._weights_root(), 0)
+            self.register_load_state_dict_post_hook(_rewrite_weights)
 
     # -- tasks ------------------------------------------------------------------------------
     @property
@@ -72,8 +76,12 @@ class MergedModel(nn.Module):
         return int(task)
 
     def set_task(self, task) -> None:
-        """Make ``task`` (index or name) the one ``forward`` uses by default."""
-        self.active_task = self.task_index(task)
+        """Make ``task`` (index or name) the one ``forward`` uses by default. TALL: its weights are
+        also put in the model's buffers (outside forward), for submodules called directly."""
+        t = self.task_index(task)
+        if self.task_weights is not None and t != self.active_task:
+            self.task_weights.write(self._weights_root(), t)
+        self.active_task = t
 
     @contextlib.contextmanager
     def task(self, task):
@@ -86,18 +94,14 @@ class MergedModel(nn.Module):
             self.set_task(previous)
 
     def _weights_root(self) -> nn.Module:
-        """The module whose parameters TALL task weights are written into."""
+        """The module tree whose tensors the TALL task weights replace (names relative to it)."""
         return self
 
-    def _apply_weights(self, t: int) -> None:
-        if self.task_weights is None or self._applied == t:
-            return
-        root = self._weights_root()
-        params = dict(root.named_parameters()) | dict(root.named_buffers())
-        with torch.no_grad():
-            for name, value in self.task_weights(t).items():
-                params[name].copy_(value)
-        self._applied = t
+    def _weights_of(self, t: int, as_parameters: bool = False):
+        """A context running the model with task t's TALL weights (none to put: a no-op)."""
+        if self.task_weights is None:
+            return contextlib.nullcontext()
+        return self.task_weights.use(self._weights_root(), t, as_parameters)
 
     def _check_ids(self, ids: torch.Tensor, batch: int | None, device) -> None:
         check_task_ids(ids, self.num_tasks, batch, where=" (model(x, task=ids))")
@@ -170,18 +174,17 @@ class GraphMergedModel(MergedModel):
                 return self._forward_per_task(inputs, kwargs, task)
         else:
             task = self.task_index(task)
-        if isinstance(task, int):
-            self._apply_weights(task)
-        return self.body(*inputs, task=task, **kwargs)
+        with self._weights_of(task):
+            return self.body(*inputs, task=task, **kwargs)
 
     def _forward_per_task(self, inputs, kwargs, ids):
         """Task-specific weights: run each present task on its own rows (a loop over tasks)."""
         call, parts = Inputs(inputs, kwargs), []
         for t in ids.unique().tolist():
             rows = (ids == t).nonzero().squeeze(1)
-            self._apply_weights(t)
             part = call.rows(rows)
-            parts.append((rows, self.body(*part.args, task=t, **part.kwargs)))
+            with self._weights_of(t):
+                parts.append((rows, self.body(*part.args, task=t, **part.kwargs)))
         return stitch_rows(parts, ids.shape[0])
 
     def export(self, task=None, like: nn.Module | None = None) -> nn.Module:
@@ -192,6 +195,6 @@ class GraphMergedModel(MergedModel):
         class, eager code, same function (every affine must fold into a layer).
         """
         t = self.active_task if task is None else self.task_index(task)
-        self._apply_weights(t)
-        graph = export_graph(self.body, t)
+        with self._weights_of(t, as_parameters=True):  # copied inside: plain parameters of task t
+            graph = export_graph(self.body, t)
         return graph if like is None else into_module(graph, like)

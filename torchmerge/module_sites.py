@@ -1,7 +1,9 @@
 """What the injected build reads from a model: its site modules and its per-task attributes.
 
-Sites are chosen by module (no graph): :func:`select_module_sites` runs one example call and
-looks at each candidate module's output (see :mod:`torchmerge.inject` for the rules).
+Sites are chosen by module: :func:`select_module_sites` runs one example call and looks at each
+candidate module's output (see :mod:`torchmerge.inject` for the rules); a site after a module that
+is not a Linear/Conv/norm (a block) takes its channel axis from the coupling walk's layouts over a
+capture of the model (:func:`output_layouts`).
 :func:`task_attributes` lists the plain attributes (``num_labels``, ``config.id2label``...) in
 which one expert differs from another, so the merged model can switch them with the task.
 
@@ -14,16 +16,19 @@ which one expert differs from another, so the merged model can switch them with 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .batches import Inputs
+from .coupling import Walker
 from .errors import TorchMergeError
+from .layout import channel_axis
 from .rewrite import LAYERS, NORMS, is_hf_conv1d
 from .stats import default_channel_axis
-from .trace import eval_mode
+from .trace import capture, eval_mode
 from .tree import submodule as _submodule, under as _under
 
 _MISSING = object()
@@ -45,6 +50,8 @@ def select_module_sites(model: nn.Module, sites, head_paths, example: Inputs) ->
     if sites == "layer":
         candidates = list(dict.fromkeys(consumers.get(p, p) for p in candidates))
     explicit = isinstance(sites, (list, tuple))
+    blocks = [p for p in candidates if outputs.get(p) is not None and not _is_layer(modules[p])]
+    layouts = output_layouts(model, example, blocks) if blocks else {}
     chosen = []
     for path in candidates:
         x = outputs.get(path)
@@ -55,7 +62,8 @@ def select_module_sites(model: nn.Module, sites, head_paths, example: Inputs) ->
                                       "name modules that output a floating tensor (or a tuple whose "
                                       "first element is one)")
             continue
-        axis = site_axis(modules[path], x)
+        layer = _is_layer(modules[path]) or layouts is None
+        axis = site_axis(modules[path], x) if layer else _block_axis(path, x, layouts)
         chosen.append((path, x.shape[axis], axis))
     return chosen
 
@@ -107,7 +115,9 @@ def _leaf_of_sequential(modules: dict, path: str) -> str:
 
 def site_axis(module: nn.Module, x: torch.Tensor) -> int:
     """Channel axis of ``module``'s output ``x``: -1, or 1 for ``[B, C, *spatial]`` conv/norm
-    outputs; a block takes the axis of the last Linear/Conv/norm inside it.
+    outputs; a block takes the axis of the last Linear/Conv/norm inside it (only where the model
+    cannot be captured: otherwise a block's axis comes from its recorded layout, see
+    :func:`output_layouts`).
 
     >>> site_axis(torch.nn.Conv2d(3, 4, 1), torch.zeros(2, 4, 5, 5)), site_axis(torch.nn.Linear(3, 4), torch.zeros(2, 7, 4))
     (1, -1)
@@ -118,6 +128,50 @@ def site_axis(module: nn.Module, x: torch.Tensor) -> int:
         return default_channel_axis(module, x)
     inner = [m for m in module.modules() if isinstance(m, LAYERS + NORMS) or is_hf_conv1d(m)]
     return site_axis(inner[-1], x) if inner else -1
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, LAYERS + NORMS) or is_hf_conv1d(module)
+
+
+def output_layouts(model: nn.Module, example: Inputs, paths: list) -> dict | None:
+    """``{path: [layout of each fx node whose value leaves that module]}``: the coupling walk's
+    ``node.meta["layout"]`` over one capture of ``model`` (fx, else torch.export), so that a
+    block's channel axis is read from discovery's layouts, not guessed from its last layer.
+    None (with a warning) where neither can capture the model."""
+    try:
+        gm = capture(model, example)
+    except TorchMergeError as e:
+        warnings.warn(f"sites {paths[:4]} are not Linear/Conv/norm modules, so their channel axis comes "
+                      f"from a capture of {type(model).__name__}, which failed ({str(e)[:300]}); it is "
+                      "taken from the last Linear/Conv/norm inside each (-1 for none), which is wrong for "
+                      "blocks that permute their output; pass sites='layer' or a list of Linear/Conv/norm "
+                      "module paths to be sure", stacklevel=3)
+        return None
+    Walker(gm, model).run()
+    inside = lambda n: {v[0] for v in (n.meta.get("nn_module_stack") or {}).values()}  # noqa: E731
+    wanted, out = set(paths), {}
+    for node in gm.graph.nodes:
+        if "layout" not in node.meta or node.op == "get_attr":
+            continue
+        for path in inside(node) & wanted:
+            if any(u.op == "output" or path not in inside(u) for u in node.users):
+                out.setdefault(path, []).append(node)
+    return out
+
+
+def _block_axis(path: str, x: torch.Tensor, layouts: dict) -> int:
+    """The channel axis of block ``path``'s output ``x``: what the layouts of the graph values
+    leaving the block with ``x``'s shape agree on."""
+    nodes = [n for n in layouts.get(path, []) if n.meta.get("shape") == tuple(x.shape)]
+    axes = {channel_axis(n.meta["layout"]) for n in nodes}
+    if len(axes) != 1 or None in axes:
+        seen = [f"{n.name}: {list(n.meta['layout'])}" for n in nodes] or "no graph value of that shape"
+        raise TorchMergeError(f"cannot tell the channel axis of site module {path!r} (output shape "
+                              f"{tuple(x.shape)}): its outputs' layouts are {seen}; one axis must carry "
+                              "parameter channels. Choose other sites (sites='layer', or a list of "
+                              "module paths whose output has one channel axis)")
+    return axes.pop()
 
 
 def _probe(model: nn.Module, paths: list, example: Inputs):

@@ -15,6 +15,7 @@ from .discover import discover
 from .errors import ShapeError, TorchMergeError, TraceError
 from .inject import SiteHook, build_injected
 from .merged import GraphMergedModel, MergedModel
+from .progress import scoped, stage
 from .rewrite import build_graph, head_modules
 from .spec import PermutationSpec, permute
 from .stats import layer_input_grams
@@ -25,10 +26,12 @@ CORRECTIONS = validate.CORRECTIONS
 BUILDS = validate.BUILDS
 
 
-def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, align="weight",
+@scoped
+def merge(experts, method: str | None = None, base=None, data=None, *, align="weight",
           correction="affine", heads="auto", sites="layer", example_inputs=None, task_names=None,
           leaf_modules=(), concrete_args=None, max_batches=None, allow_uncorrected=False,
-          calibration=None, build: str = "auto", seed: int = 0, **method_kwargs) -> MergedModel:
+          calibration=None, build: str = "auto", seed: int = 0, progress: bool | None = None,
+          **method_kwargs) -> MergedModel:
     """Merge ``experts`` into one task-conditioned :class:`MergedModel`.
 
     ``experts``: modules of one architecture (task heads may differ in size). ``base``: None, one
@@ -38,24 +41,33 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
     methods and the correction. ``align``: "weight", "activation" or None. ``correction``:
     "affine" (task-wise, Sharma et al. 2024), "repair" (one shared affine), "affine+tune", or None.
     ``method``: a key of ``tm.methods.METHODS`` or ``"pleas"`` (which matches units itself, so
-    ``align`` is not used, and needs ``correction=None``); ``method_kwargs`` go to the method
-    (e.g. ``lam=0.4``, ``k=0.2``, ``width=1.5``). ``calibration``: keyword options of
-    :func:`torchmerge.calibrate` (``passes``, ``tune_steps``...). ``heads``: "auto" (the modules
-    feeding the output), a list of module paths, or a predicate ``(path, module) -> bool``.
+    ``align`` is not used, and needs ``correction=None``); None (default): ``"task_arithmetic"``
+    with a base, else ``"regmean"`` with data, else ``"average"`` (task vectors need a base; see
+    docs/guide.md, "Degenerate settings"). ``method_kwargs`` go to the method (e.g. ``lam=0.4``,
+    ``k=0.2``, ``width=1.5``). ``merged.info`` records what was done: ``method``, ``merge_info``
+    (the method's own record), ``alignment`` (sweeps and convergence per expert) and ``warnings``
+    (every degenerate setting, fallback or unconverged solver, also raised as ``UserWarning``).
+    ``calibration``: keyword options of :func:`torchmerge.calibrate` (``passes``, ``tune_steps``...).
+    ``heads``: "auto" (the modules feeding the output), a list of module paths, or a predicate ``(path, module) -> bool``.
     ``sites``: "layer", "block", a list of module paths, or a predicate ``(where, module) -> bool``
     (``where``: the fx node in the graph build, the module path in the injected build).
     ``build``: "graph" (the fx-rewritten reference expert), "inject" (a copy of the reference
     expert, of its own class, with task modules injected: for models torch.fx cannot trace, e.g.
     Hugging Face transformers), or "auto" (graph when torch.fx traces the reference, else inject).
+    ``progress``: tqdm bars naming each long stage (discovery, alignment sweeps, statistics, each
+    calibration pass); None (default): when tqdm is installed and stderr is a terminal.
 
     >>> import torch, torchmerge as tm
     >>> experts = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     ...            for _ in range(2)]
     >>> data = [[(torch.randn(16, 4), torch.randint(0, 3, (16,)))] for _ in experts]
-    >>> merged = tm.merge(experts, method="ties", data=data, correction="affine")
+    >>> merged = tm.merge(experts, data=data, correction="affine")   # no base: RegMean
     >>> merged(torch.randn(5, 4), task=torch.tensor([0, 1, 1, 0, 1])).shape
     torch.Size([5, 3])
+    >>> merged.info["method"], merged.info["alignment"]["converged"], merged.info["warnings"]
+    ('regmean', [True, True], [])
     """
+    method = _default_method(method, base, data)
     experts, data, example = validate.merge_arguments(
         experts, method, base, data, align=align, correction=correction, heads=heads, sites=sites,
         example_inputs=example_inputs, task_names=task_names, leaf_modules=leaf_modules,
@@ -76,8 +88,10 @@ def merge(experts, method: str = "task_arithmetic", base=None, data=None, *, ali
         merged, result_info, aligned = _aligned_merge(experts, spec, base, data, align, method, build,
                                                       max_batches, seed, method_kwargs)
     merged = guards.strip_hooks(merged.to(_device_or_cpu(reference)), keep=(SiteHook,))  # not the user's hooks
+    alignment = result_info.pop("alignment", None)
     merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
-                   "build": build.used, "merge_info": result_info}
+                   "build": build.used, "merge_info": result_info, "alignment": alignment,
+                   "warnings": list(result_info.get("warnings", [])) + _unconverged(alignment)}
     if aligned is not None and "perms" in result_info:
         merged.info["aligned_fingerprints"] = guards.fingerprints(experts, spec, result_info["perms"])
     if correction is not None:
@@ -128,10 +142,16 @@ def _aligned_merge(experts, spec, base, data, align, method, build, max_batches,
     """Align (permutations), merge the shared weights, build: the path of every method but PLeaS."""
     head_paths = build.head_paths
     bases = _bases(base, len(experts))
-    perms = [spec.identity_perms()] * len(experts)
+    perms, alignment = [spec.identity_perms()] * len(experts), None
     if align is not None:
         align_data = None if align == "weight" else _union(data, max_batches)
-        perms = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed)
+        # the heads chosen here (heads= may name more than the spec's output heads) are per task:
+        # left out of matching, so they may differ in shape
+        heads = set(spec.heads) | {p for p, _ in spec.axes if _under(p, head_paths)}
+        perms, runs = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed,
+                                 exclude=heads, return_results=True)
+        alignment = {"method": align, "iterations": [r.sweeps if r else 0 for r in runs],
+                     "converged": [r.converged if r else True for r in runs]}
     aligned = [_permuted(e, spec, p) for e, p in zip(experts, perms)]
     aligned_bases = None if bases is None else [_permuted(b, spec, p) for b, p in zip(bases, perms)]
     shared = [_weights(e, head_paths) for e in aligned]
@@ -142,7 +162,22 @@ def _aligned_merge(experts, spec, base, data, align, method, build, max_batches,
     heads_per_task = [{p: e.get_submodule(p) for p in head_paths} for e in aligned]
     weights = TaskWeights.from_result(result) if result.masks else None
     merged = build(aligned[0], result.state, heads_per_task, weights, aligned)
-    return merged, {**result.info, "perms": perms}, aligned
+    return merged, {**result.info, "perms": perms, "alignment": alignment}, aligned
+
+
+def _default_method(method, base, data):
+    """``method=None``: task arithmetic around a base; without a base (task vectors would sum to
+    zero, making every task-vector method an average) RegMean when there is data, else the average."""
+    if method is not None:
+        return method
+    return "task_arithmetic" if base is not None else "regmean" if data is not None else "average"
+
+
+def _unconverged(alignment) -> list:
+    if not alignment:
+        return []
+    bad = [i for i, ok in enumerate(alignment["converged"]) if not ok]
+    return [f"alignment of expert(s) {bad} did not converge within the sweep limit"] if bad else []
 
 
 def _permuted(model: nn.Module, spec, perms) -> nn.Module:
@@ -225,12 +260,13 @@ def _base_states(aligned_bases, bases, head_paths):
 
 def _method_stats(method, aligned, data, max_batches, head_paths):
     """Per-expert statistics of the data-driven methods, heads left out (they are not merged)."""
-    if method == "fisher":
-        stats = [merge_methods.diagonal_fisher(e, d, max_batches=max_batches) for e, d in zip(aligned, data)]
-    elif method in ("regmean", "mats"):
-        stats = [layer_input_grams(e, d, max_batches=max_batches) for e, d in zip(aligned, data)]
-    else:
+    if method not in ("fisher", "regmean", "mats"):
         return None
+    stats = []
+    for i, (e, d) in enumerate(zip(aligned, data)):
+        with stage(f"{method}: expert {i} {'Fisher' if method == 'fisher' else 'Grams'}"):
+            stats.append(merge_methods.diagonal_fisher(e, d, max_batches=max_batches) if method == "fisher"
+                         else layer_input_grams(e, d, max_batches=max_batches))
     return [{k: v for k, v in s.items() if not _under(k, head_paths)} for s in stats]
 
 

@@ -21,7 +21,9 @@ from torch import nn
 
 from .errors import TorchMergeError
 from .modules import ChannelAffine, TaskAffine, TaskHeads
-from .trace import trace
+from .coupling import Walker
+from .layout import channel_axis as layout_channel_axis
+from .trace import module_path, trace
 from .guards import strip_hooks
 from .tree import shares_params as _shares_params, submodule as _submodule, under as _under
 
@@ -41,6 +43,7 @@ def build_graph(template: nn.Module, example_inputs, state: dict, heads: list, h
         raise TorchMergeError(f"merged weights lack {missing[:5]}; merge every non-head tensor")
     template.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     gm = trace(template, example_inputs, leaf_modules, concrete_args)
+    Walker(gm, template, leaf_modules).run()  # node.meta["layout"]: each site's channel axis
     task = _add_task_input(gm)
     for path in head_paths:
         _replace_head(gm, path, [h[path] for h in heads], task)
@@ -104,7 +107,8 @@ def select_sites(gm: fx.GraphModule, sites, head_paths) -> list:
             if isinstance(m, LAYERS) and _only_user_is_norm(node, modules):
                 keep = False
         elif sites == "block":
-            keep = node.op == "call_function" and node.target in ADDS and _is_tensor(node)
+            keep = node.op == "call_function" and node.target in ADDS and _is_tensor(node) \
+                and _carries_channels(node)
         elif isinstance(sites, (list, tuple)) and all(isinstance(s, str) for s in sites):
             keep = node.op == "call_module" and node.target in sites
         else:
@@ -119,6 +123,13 @@ def _is_tensor(node) -> bool:
     return isinstance(node.meta.get("shape"), tuple) and len(node.meta["shape"]) >= 1
 
 
+def _carries_channels(node) -> bool:
+    """False where the recorded layout shows no channels at all (e.g. ``var + eps`` inside a
+    functional norm: batch and spatial axes only): such an add is no residual add."""
+    layout = node.meta.get("layout")
+    return layout is None or any(a.kind not in ("data", "unit") for a in layout)
+
+
 def _only_user_is_norm(node, modules) -> bool:
     users = list(node.users)
     return len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), NORMS)
@@ -130,23 +141,30 @@ def _follows_layer(node, modules) -> bool:
         and len(src.users) == 1
 
 
-def channel_axis(node: fx.Node, modules: dict, depth: int = 12) -> int:
-    """Negative channel axis of a node's output, from the module that produced it."""
-    for _ in range(depth):
-        m = modules.get(node.target) if node.op == "call_module" else None
-        ndim = len(node.meta["shape"])
-        if isinstance(m, (nn.Linear, nn.LayerNorm)):
-            return -1
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return -(len(m.kernel_size) + 1)
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
-            return 1 - ndim
-        args = [a for a in node.args if isinstance(a, fx.Node) and _is_tensor(a) and len(a.meta["shape"]) == ndim]
-        if not args:
-            break
-        node = args[0]
-    raise TorchMergeError(f"cannot tell the channel axis at fx node '{node.name}' (shape "
-                          f"{node.meta.get('shape')}); choose sites after Linear/Conv/norm layers")
+def channel_axis(node: fx.Node, modules: dict) -> int:
+    """Negative channel axis of a node's output, from its recorded layout (``node.meta["layout"]``,
+    from the coupling walk; see :func:`torchmerge.layout.channel_axis`): the axis that carries
+    channels, the producing layer's own output axis where several do (a token-mixing Linear)."""
+    layout = node.meta.get("layout")
+    m = modules.get(node.target) if node.op == "call_module" else None
+    axis = None if layout is None else layout_channel_axis(layout, _layer_axis(m, len(layout)))
+    if axis is None:
+        raise TorchMergeError(
+            f"cannot tell the channel axis at fx node '{node.name}' (module '{module_path(node)}', "
+            f"shape {node.meta.get('shape')}): its axes carry {list(layout or ()) or 'no recorded layout'} "
+            "(one axis must carry the parameters' channels: a Linear's features, a conv's "
+            "channels, attention heads merged back into features); choose sites after "
+            "Linear/Conv/norm layers, or after the heads are merged")
+    return axis
+
+
+def _layer_axis(m, ndim: int) -> int | None:
+    """The output axis a Linear / Conv / norm module defines as its channels (None for others)."""
+    if isinstance(m, (nn.Linear, nn.LayerNorm)) or is_hf_conv1d(m):
+        return -1
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return -(len(m.kernel_size) + 1)
+    return 1 - ndim if isinstance(m, NORMS) else None
 
 
 def _insert_affine(gm, node, task, num_tasks, name) -> None:
@@ -161,7 +179,7 @@ def _insert_affine(gm, node, task, num_tasks, name) -> None:
     absorb = _absorbable(gm, node, norm)
     with gm.graph.inserting_after(node):
         new = gm.graph.call_module(f"sites.{name}", (node.args[0] if absorb else node, task))
-    new.meta["shape"] = shape
+    new.meta["shape"], new.meta["layout"] = shape, node.meta["layout"]
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     if absorb:  # the site calls the norm itself: fused into one batch_norm at inference
         affine.absorb_norm(norm, node.target)
@@ -254,8 +272,10 @@ def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     src = node.args[0]
     layer = modules.get(src.target) if src.op == "call_module" else None
     calls = _calls(gm, src.target) if src.op == "call_module" else 0
-    if len(src.users) == 1 and calls == 1 and not _shares_params(gm, layer) \
-            and fold_affine(layer, scale, shift):
+    shape = node.meta.get("shape")  # the affine must act on the layer's own output axis to fold
+    own = _layer_axis(layer, len(shape)) if shape else affine.channel_axis
+    if len(src.users) == 1 and calls == 1 and own == affine.channel_axis \
+            and not _shares_params(gm, layer) and fold_affine(layer, scale, shift):
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         return

@@ -43,6 +43,7 @@ from torch import nn
 
 from .batches import iter_calls
 from .errors import TorchMergeError
+from .progress import bar, batch_total
 from .tree import device_of as _device_of
 
 __all__ = [
@@ -341,6 +342,7 @@ class Moments(_Streaming):
         self._sums: torch.Tensor | None = None    # [2, C] float64: Σ(x − s), Σ(x − s)² since last fold
         self._pending = (0, 0)                     # (samples, batches) in _sums
         self._raw = False                          # shift is 0 and skipped (CPU fast path)
+        self._last = None                          # (n, shift, [2, C] sums) of the latest batch
 
     def update(self, x: torch.Tensor, channel_axis: int = -1) -> "Moments":
         """Add the samples of ``x`` (every axis except ``channel_axis`` is a sample axis)."""
@@ -366,6 +368,7 @@ class Moments(_Streaming):
                 block = _shifted_sums(v, self._shift, self._scratch)
         else:
             block = _shifted_sums(v, self._shift, self._scratch)  # per batch in v's dtype
+        self._last = (n, self._shift, block)
         self._sums = block.double() if self._sums is None else self._sums.add_(block)
         self._pending = (self._pending[0] + n, self._pending[1] + 1)
         if self._pending[1] >= self.FOLD_EVERY:
@@ -390,6 +393,24 @@ class Moments(_Streaming):
 
     def _release(self) -> None:
         self._scratch.buf = None
+
+    def last_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, population variance), float64 ``[C]``, of the latest ``update``'s batch alone, from
+        the sums that update took (no second pass over the activation)."""
+        if self._last is None:
+            raise TorchMergeError("Moments.last_batch: no data accumulated yet (call update() first)")
+        n, shift, (t1, t2) = self._last
+        t1, t2 = t1.double() / n, t2.double() / n
+        return shift.double() + t1, (t2 - t1.square()).clamp_min_(0)
+
+    def mapped(self, scale: torch.Tensor, shift: torch.Tensor) -> "Moments":
+        """The moments of ``scale · x + shift`` (per channel, float64 ``[C]``), exactly: a new
+        :class:`Moments` (e.g. a BatchNorm's output from its input's)."""
+        self._need("mapped")
+        out = Moments()
+        out._n, out._means = self._n, [self._means[0] * scale + shift]
+        out._co = [self._co[0] * scale.square()]
+        return out
 
     @property
     def mean(self) -> torch.Tensor:
@@ -595,18 +616,10 @@ def _mode(models: list[nn.Module], train_mode: bool):
             m.training = flag
 
 
-def _progress(it: Iterable, enabled: bool, batches: Any, max_batches: int | None) -> Iterable:
-    if not enabled:
-        return it
-    try:  # optional dependency: no bar (and no noise) without it
-        from tqdm.auto import tqdm
-    except ImportError:
-        return it
-    sizes = [max_batches] if max_batches is not None else []
-    if hasattr(batches, "__len__") and not isinstance(batches, (torch.Tensor, Mapping)):
-        sizes.append(len(batches))
-    total = min(sizes) if sizes else None
-    return tqdm(it, total=total, desc="torchmerge stats", leave=False)
+def _progress(it: Iterable, enabled: bool | None, batches: Any, max_batches: int | None,
+              desc: str = "torchmerge stats") -> Iterable:
+    """A bar over a pass (:func:`torchmerge.progress.bar`; ``enabled`` None: the caller's setting)."""
+    return bar(it, desc, total=batch_total(batches, max_batches), progress=enabled)
 
 
 def _finish(stats: dict[str, Any]) -> dict[str, Any]:
@@ -619,7 +632,7 @@ def _finish(stats: dict[str, Any]) -> dict[str, Any]:
 def collect(model: nn.Module, targets: Any, batches: Iterable[Any], stat: Any = "moments", *,
             where: str = "output", channel_axis: int | Mapping[str, int] | None = None,
             max_batches: int | None = None, device: torch.device | str | None = None,
-            progress: bool = False, train_mode: bool = False) -> dict[str, Any]:
+            progress: bool | None = None, train_mode: bool = False) -> dict[str, Any]:
     """Stream a statistic of each target module's output (or first input) over ``batches``.
 
     ``targets``: ``{name: module}``, module names of ``model``, or module type(s) to select.
@@ -661,7 +674,7 @@ def _check_axis_keys(channel_axis: Any, *module_dicts: dict[str, nn.Module]) -> 
 def collect_paired(model_a: nn.Module, model_b: nn.Module, targets_a: Any, targets_b: Any,
                    batches: Iterable[Any], *, where: str = "output",
                    channel_axis: int | Mapping[str, int] | None = None, max_batches: int | None = None,
-                   progress: bool = False, train_mode: bool = False) -> dict[str, Gram]:
+                   progress: bool | None = None, train_mode: bool = False) -> dict[str, Gram]:
     """Cross statistics (:class:`Gram` with ``cross=True``) between corresponding sites of two models.
 
     ``model_b`` may be a list of models: model A then runs once per batch for all of them, and a
@@ -717,7 +730,8 @@ def collect_paired(model_a: nn.Module, model_b: nn.Module, targets_a: Any, targe
             _mode([model_a, *models_b], train_mode):
         for h in hooks:
             stack.enter_context(h)
-        for inputs in _progress(iter_calls(batches, max_batches), progress, batches, max_batches):
+        for inputs in _progress(iter_calls(batches, max_batches), progress, batches, max_batches,
+                                "torchmerge paired stats"):
             running_a[0] = True
             try:
                 inputs.to(_device_of(model_a))(model_a)  # once, however many models B
@@ -865,7 +879,7 @@ def _gram_sites(model: nn.Module, layers: Iterable[str] | None) -> dict[nn.Modul
 
 def layer_input_grams(model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None,
                       layers: Iterable[str] | None = None, device: torch.device | str | None = None,
-                      progress: bool = False) -> dict[str, torch.Tensor]:
+                      progress: bool | None = None) -> dict[str, torch.Tensor]:
     """RegMean / MaTS input Gram matrices ``{"<module path>.weight": XᵀX}`` of a model over ``batches``
     (the state-dict key of each weight; ``"weight"`` when ``model`` itself is the layer).
 
@@ -910,7 +924,8 @@ def layer_input_grams(model: nn.Module, batches: Iterable[Any], *, max_batches: 
 
     device = device if device is not None else dev
     with _hooked(modules, "input", hook), _mode([model], False):
-        for inputs in _progress(iter_calls(batches, max_batches, device), progress, batches, max_batches):
+        for inputs in _progress(iter_calls(batches, max_batches, device), progress, batches, max_batches,
+                                "torchmerge Grams"):
             inputs(model)
     if _dist_ready():
         _all_reduce_grams(modules, sites, accs, counts)

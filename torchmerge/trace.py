@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from .batches import Inputs, example_inputs_of
-from .errors import ShapeError, TorchMergeError, TraceError
+from .errors import ShapeError, TorchMergeError, TraceError, unknown_name
 
 class _Tracer(fx.Tracer):
     """fx tracer that remembers which module it was in when tracing failed."""
@@ -96,13 +96,16 @@ def trace(model: nn.Module, example_inputs, leaf_modules=(), concrete_args=None)
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # fx raises many types; the user needs the place and the remedy
         path, kind = tracer.failed_in or ("", type(model).__name__)
-        where = f"module '{path}' ({kind})" if path else f"the forward of {kind}"
-        raise TraceError(
-            f"torch.fx could not trace {where}: {type(e).__name__}: {e}\n"
-            f"What to do: if this is data-dependent control flow or an untraceable op, pass "
-            f"leaf_modules=({kind},) or leaf_modules=('{path or 'submodule.path'}',) to keep it opaque "
-            "(its channels are then frozen), or fix Python-level flags with concrete_args={...}."
-        ) from e
+        where = f"module '{path}' ({kind})" if path else f"the forward of {kind} (the root model)"
+        advice = (f"if this is data-dependent control flow or an untraceable op, pass "
+                  f"leaf_modules=({kind},) or leaf_modules=('{path}',) to keep it opaque (its channels "
+                  "are then frozen), or fix Python-level flags with concrete_args={...}." if path else
+                  "the root forward itself cannot be traced symbolically (a leaf module cannot help): "
+                  "fix Python-level flags with concrete_args={...}, rewrite the data-dependent branch "
+                  "(e.g. with torch.where or torch.cond), or let torch.export capture it "
+                  "(tm.discover(..., capture_method='auto'), tm.merge(..., build='auto')).")
+        raise TraceError(f"torch.fx could not trace {where}: {type(e).__name__}: {e}\n"
+                         f"What to do: {advice}") from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["example_outputs"] = _ShapeRecorder(gm).run_all(inputs)
     gm.meta["capture"] = "fx"
@@ -132,7 +135,7 @@ def capture(model: nn.Module, example_inputs, leaf_modules=(), concrete_args=Non
     ('export', ['aten.linear.default'])
     """
     if method not in ("auto", "fx", "export"):
-        raise TorchMergeError(f"capture method must be 'auto', 'fx' or 'export', got {method!r}")
+        raise TorchMergeError(unknown_name("capture method", method, ("auto", "fx", "export")))
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = example_inputs_of(example_inputs)

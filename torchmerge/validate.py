@@ -32,14 +32,16 @@ import inspect
 import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .batches import Inputs, example_inputs_of, first_call
-from .errors import ArgumentError, ArgumentTypeError, ShapeError, TorchMergeError
+from .errors import ArgumentError, ArgumentTypeError, ShapeError, TorchMergeError, did_you_mean, unknown_name
 from .guards import in_merged_order, tensors as _tensors
+from .progress import using
 from .tree import device_of as _device
 
 ALIGNS = (None, "weight", "activation")
@@ -50,7 +52,7 @@ DATA_METHODS = ("regmean", "fisher", "mats", "pleas")
 CALIBRATION_OPTIONS = {
     "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "an int >= 0",
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
-    "progress": "a bool",
+    "progress": "True, False or None",
 }
 _ENDLESS = (itertools.cycle, itertools.repeat, itertools.count)
 
@@ -64,12 +66,13 @@ def merge_arguments(experts, method, base, data, *, align, correction, heads, si
                     calibration, build, seed, method_kwargs):
     """Check every argument of ``tm.merge``; return ``(experts, data, example)``: the experts as a
     list, ``data`` with one-shot iterators read into lists, and the (copied) call used to trace."""
-    _choice("align", align, ALIGNS, "unknown alignment method")
-    _choice("correction", correction, CORRECTIONS, "unknown correction")
-    _choice("build", build, BUILDS, "unknown build")
+    _choice("align", align, ALIGNS, "alignment method")
+    _choice("correction", correction, CORRECTIONS, "correction")
+    _choice("build", build, BUILDS, "build")
     if not isinstance(method, str):
         raise ArgumentTypeError(f"method is a {type(method).__name__}; pass a method name, one of "
-                                f"tm.methods.METHODS or 'pleas'")
+                                f"{', '.join(map(repr, method_names()))}")
+    _choice("method", method, method_names(), "merge method")
     if method == "pleas" and correction is not None:
         raise ArgumentError("method='pleas' may widen layers, so merged channels no longer match "
                             "the experts' one to one and the affine correction does not apply; its "
@@ -106,7 +109,7 @@ def calibrate_arguments(merged, experts, data, mode, max_batches, allow_uncorrec
 
     if not isinstance(merged, MergedModel):
         raise ArgumentTypeError(f"merged is a {type(merged).__name__}; pass the model tm.merge returned")
-    _choice("mode", mode, CORRECTIONS[1:], "unknown correction")
+    _choice("mode", mode, CORRECTIONS[1:], "correction")
     check_max_batches(max_batches)
     _flag("allow_uncorrected", allow_uncorrected)
     check_calibration_values(options)
@@ -148,9 +151,18 @@ def _example(example_inputs, firsts) -> Inputs:
 # small values
 
 
+def method_names() -> tuple:
+    """Every ``method=`` tm.merge accepts: the registry ``tm.methods.METHODS``, then PLeaS (its own
+    path: it matches units and fits layers itself, so it is no state-dict function)."""
+    from .methods import METHODS
+
+    return (*METHODS, "pleas")
+
+
 def _choice(name, value, valid, what):
+    """Exact names only (case-sensitive); an unknown one raises with "did you mean" and the list."""
     if not any(value is v or (isinstance(v, str) and value == v) for v in valid):
-        raise ArgumentError(f"{what} {value!r}; valid: {', '.join(map(repr, valid))}")
+        raise ArgumentError(unknown_name(what, value, valid))
 
 
 def _flag(name, value):
@@ -199,8 +211,8 @@ def _check_heads_sites(heads, sites) -> None:
             continue
         valid = f"{name} must be {' or '.join(map(repr, words))}, a list of module paths or a callable"
         if isinstance(value, str):
-            raise ArgumentError(f"{valid}; got {name}={value!r}: to name one module pass a list, "
-                                f"{name}=[{value!r}]")
+            raise ArgumentError(f"{valid}; got {name}={value!r}{did_you_mean(value, words)}: to name "
+                                f"one module pass a list, {name}=[{value!r}]")
         if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
             raise ArgumentTypeError(f"{valid}; got {value!r}")
 
@@ -305,7 +317,9 @@ def _dry_run(method, kwargs, num_tasks) -> None:
     stats = {"regmean": gram, "fisher": fisher,
              "mats": fisher if kwargs.get("statistic") == "fisher" else gram}.get(method)
     try:
-        merge_states(method, states, None, stats, **kwargs)
+        with warnings.catch_warnings(), using(False):  # warnings and bars belong to the real run
+            warnings.simplefilter("ignore")
+            merge_states(method, states, None, stats, **kwargs)
     except TorchMergeError as err:
         kind = ArgumentError if type(err) is TorchMergeError else type(err)
         raise kind(f"method {method!r}: {err}") from None
@@ -345,7 +359,7 @@ def check_calibration_values(options: Mapping) -> None:
         "tune_lr": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
         "tune_loss": lambda v: v in ("kl", "mse"),
         "tune_heads": lambda v: isinstance(v, bool),
-        "progress": lambda v: isinstance(v, bool),
+        "progress": lambda v: v is None or isinstance(v, bool),
     }
     for key, value in options.items():
         if key in checks and not checks[key](value):
@@ -354,8 +368,9 @@ def check_calibration_values(options: Mapping) -> None:
                           else _is_number(value) if key in ("eps", "tune_lr")
                           else isinstance(value, str) if key == "tune_loss" else False)
             kind = ArgumentError if right_type else ArgumentTypeError
+            hint = did_you_mean(value, ("kl", "mse")) if key == "tune_loss" else ""
             raise kind(f"calibration option {key}={value!r} is invalid: {key} must be "
-                       f"{CALIBRATION_OPTIONS[key]}")
+                       f"{CALIBRATION_OPTIONS[key]}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,8 +494,11 @@ def check_data(data, n: int, max_batches, needs: tuple):
     ``needs``: what needs data (every entry must then be given)."""
     if data is None:
         if needs:
-            raise ArgumentError(f"{' and '.join(needs)} need data=[one iterable of batches per task]; "
-                                "or pass correction=None (and a data-free method) to merge without data")
+            instead = [alt for key, alt in (("correction", "correction=None"),
+                                            ("method", "a data-free method (method='average', or method='ties' with base=)"),
+                                            ("align", "align='weight'")) if any(w.startswith(key) for w in needs)]
+            raise ArgumentError(f"{' and '.join(needs)} {_verb(needs)} data=[one iterable of batches per task]; "
+                                f"or pass {' and '.join(instead)} to merge without data")
         return None, None
     if isinstance(data, (str, bytes, torch.Tensor, Mapping)) or not isinstance(data, Iterable):
         raise ArgumentTypeError(f"data is a {type(data).__name__}; pass a list with one iterable of batches "
@@ -494,7 +512,8 @@ def check_data(data, n: int, max_batches, needs: tuple):
         if d is None:
             strict = [w for w in needs if not w.startswith("correction")]
             if strict:
-                raise ArgumentError(f"data[{t}] is None, but {' and '.join(strict)} needs every task's data")
+                raise ArgumentError(f"data[{t}] is None, but {' and '.join(strict)} {_verb(strict)} every "
+                                    "task's data")
             out.append(None)
             firsts.append(None)
             continue
@@ -506,6 +525,10 @@ def check_data(data, n: int, max_batches, needs: tuple):
             raise ArgumentError(msg) from None
         out.append(d)
     return out, firsts
+
+
+def _verb(subjects) -> str:
+    return "needs" if len(subjects) == 1 else "need"
 
 
 def _task_batches(d, t: int, max_batches):
@@ -549,24 +572,27 @@ def _one_batch(d) -> bool:
 def check_batches_fit(experts, firsts, example: Inputs, example_what: str) -> None:
     """Each task's first batch has the example's structure (positional count, keywords, tensor
     shapes past the batch axis, dtypes) — or, if not, its expert runs it (one forward, eval mode, no grad); a task
-    whose first batch its expert cannot run raises, naming the task and the shapes."""
+    whose first batch its expert cannot run raises, naming the task and the shapes. The batch that
+    *is* the example (data[0]'s, when no example_inputs is given) is always run: a wrong size there
+    is the data's fault, and tracing would blame example_inputs."""
     if firsts is None:
         return
     for t, first in enumerate(firsts):
         if first is None:
             continue
-        if _signature(first) == _signature(example):
+        if _signature(first) == _signature(example) and first is not example:
             continue
         expert = experts[t] if t < len(experts) else experts[0]
+        versus = "" if first is example else f"\n{example_what} is {example.describe()}."
         try:
             first.check_fits(expert, f"data[{t}]'s first batch")
             with torch.no_grad(), _eval(expert):
                 first.to(_device(expert))(expert)
         except Exception as err:  # noqa: BLE001 - re-raised with the task and the shapes
             raise ShapeError(f"data[{t}]'s first batch ({first.describe()}) does not fit experts[{t}] "
-                             f"({type(expert).__name__}): {type(err).__name__}: {err}\n{example_what} is "
-                             f"{example.describe()}. Every task's batches must be inputs of the same "
-                             "model (same features, channels, keys)") from err
+                             f"({type(expert).__name__}): {type(err).__name__}: {err}{versus}\nEvery "
+                             "task's batches must be inputs the experts accept (the same features, "
+                             "channels, keys): fix that task's data") from err
 
 
 def _signature(call: Inputs) -> tuple:

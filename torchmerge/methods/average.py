@@ -9,13 +9,15 @@
 """
 from __future__ import annotations
 
-from .base import Aligned, MergeResult
+from .base import Aligned, MergeResult, check_degenerate
 
 
 def average(experts) -> MergeResult:
     """Element-wise mean of the experts' floating-point tensors (integer buffers from expert 0)."""
     al = Aligned(experts, None)
+    info = {"method": "average"}
+    check_degenerate(al, info)
     state = {}
     for k in al.keys:
         state[k] = al.out(k, al.base(k)) if k in al.float_keys else al.passthrough(k)
-    return MergeResult(state=state, info={"method": "average"})
+    return MergeResult(state=state, info=info)

@@ -7,8 +7,9 @@ temporaries — never T full task-vector copies.
 
 The base θ₀:
 
-- ``base=None``: θ₀ := the element-wise **mean of the experts** (useful for non-local experts that
-  share no pre-trained model; note ``Σ_i τ_i = 0`` then, so Task Arithmetic returns the average);
+- ``base=None``: θ₀ := the element-wise **mean of the experts**; then ``Σ_i τ_i = 0``, so Task
+  Arithmetic returns the average, TALL and Consensus the average for every task, and TIES/DARE
+  act on deviations from the mean: those methods warn (:func:`check_degenerate`) — pass a base;
 - one state dict: θ₀ := base;
 - a list of state dicts, one per expert (e.g. each expert's own aligned initialisation):
   θ₀ := mean of the bases and ``τ_i = θ_i − base_i``.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -117,7 +119,9 @@ class Aligned:
                 if a.shape != b.shape:
                     raise ShapeError(
                         f"key {k!r}: shape {tuple(b.shape)} in {what}[{i}] but {tuple(a.shape)} in "
-                        "experts[0]; align the models first, and pass task heads separately")
+                        "experts[0]: the models must share one architecture (the same layer "
+                        "widths); only task heads may differ, and they are not merged (tm.merge "
+                        "finds them, heads='auto'; for merge_states, leave them out of the dicts)")
                 if a.is_floating_point() != b.is_floating_point():
                     raise TorchMergeError(f"key {k!r}: dtype {b.dtype} in {what}[{i}] but {a.dtype} "
                                           "in experts[0]")
@@ -172,6 +176,55 @@ class Aligned:
     def out(self, key: str, value: torch.Tensor) -> torch.Tensor:
         """Cast a merged value back to the experts' dtype."""
         return value.to(self.experts[0][key].dtype)
+
+    def identical(self) -> bool:
+        """True when there are ≥ 2 experts and all are equal (every merge then returns that model)."""
+        e0 = self.experts[0]
+        return self.num_tasks > 1 and all(torch.equal(e[k], e0[k]) for e in self.experts[1:]
+                                          for k in self.float_keys)
+
+
+# ----------------------------------------------------------------------------- honest results
+def flag(info: dict, message: str, stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) and record ``message`` in ``info["warnings"]``: a degenerate setting,
+    a fallback or an unconverged solver must never pass silently."""
+    info.setdefault("warnings", []).append(message)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
+def check_degenerate(al: Aligned, info: dict, around_mean: str | None = None,
+                     zero: str | None = None) -> None:
+    """Warn where the inputs make ``info["method"]`` degenerate: identical experts; ``base=None``
+    for a task-vector method (``around_mean``: what happens then); a setting (``zero``) that
+    ignores the experts.
+
+    >>> import warnings, torch
+    >>> al = Aligned([{"w": torch.ones(2)}, {"w": torch.zeros(2)}])
+    >>> info = {"method": "task_arithmetic"}
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     check_degenerate(al, info, around_mean="the result is the average")
+    >>> info["warnings"][0].startswith("method='task_arithmetic' with base=None: task vectors")
+    True
+    """
+    method = info["method"]
+    if al.identical():
+        flag(info, f"method={method!r}: all {al.num_tasks} experts are identical (after alignment; "
+                   "task heads are not compared), so the merge returns their weights unchanged; check "
+                   "that distinct experts were passed", 4)
+        return
+    if around_mean and al.bases is None:
+        flag(info, f"method={method!r} with base=None: task vectors are taken around the experts' "
+                   f"mean, so they sum to zero and {around_mean}; pass base=<the shared pretrained "
+                   "model> (or one base per expert, e.g. each expert's initialisation), or use a "
+                   "method that needs no base (regmean, fisher, mats, average)", 4)
+    if zero:
+        flag(info, f"method={method!r} with {zero}", 4)
+
+
+def zero_lam(lam: float) -> str | None:
+    """``zero=`` of :func:`check_degenerate` for θ₀ + λ·(...) methods."""
+    return None if lam else "lam=0: the result is the base θ₀ (the experts are ignored); pass lam > 0"
 
 
 def add_to_base(src, lam: float, merged_tau) -> dict:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Aligned, MergeResult, add_to_base, check_choice, check_fraction, check_nonneg, summed_taus
+from .base import (Aligned, MergeResult, add_to_base, check_choice, check_degenerate, check_fraction,
+                   check_nonneg, summed_taus, zero_lam)
 from .ties import ties_merge_source
 
 
@@ -60,9 +61,12 @@ def dare(experts, base=None, p: float = 0.9, lam: float = 0.4, rescale: bool = T
     lam = check_nonneg("lam", lam)
     combine = check_choice("combine", combine, {"sum", "ties"})
     k = check_fraction("k", k)
-    src = Dropped(Aligned(experts, base), p, bool(rescale), int(seed))
+    al = Aligned(experts, base)
+    src = Dropped(al, p, bool(rescale), int(seed))
     info = {"method": "dare", "p": p, "lam": lam, "rescale": bool(rescale), "seed": int(seed),
             "combine": combine}
+    check_degenerate(al, info, around_mean="the result is the average plus randomly dropped "
+                     "deviations from it (noise)", zero=zero_lam(lam))
     if combine == "ties":
         info["k"] = k
         return ties_merge_source(src, k, lam, info)

@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_map
 
 from ..batches import batch_inputs, batch_targets, output_tensor
 from ..errors import TorchMergeError
-from .base import Aligned, MergeResult, check_choice, check_nonneg
+from ..progress import bar, batch_total
+from .base import Aligned, MergeResult, check_choice, check_degenerate, check_nonneg
 from .regmean import check_stats
 
 
@@ -39,6 +40,8 @@ def fisher_merge(experts, fishers, eps: float = 1e-8) -> MergeResult:
     eps = check_nonneg("eps", eps)
     al = Aligned(experts, None)
     fishers = check_stats(al, fishers, "fishers", lambda w: tuple(w.shape))
+    info = {"method": "fisher", "eps": eps}
+    check_degenerate(al, info)
     state = {}
     for key in al.keys:
         if key not in al.float_keys:
@@ -52,7 +55,7 @@ def fisher_merge(experts, fishers, eps: float = 1e-8) -> MergeResult:
             state[key] = al.out(key, torch.where(den > 0, num / den, al.base(key)))
         else:
             state[key] = al.out(key, al.base(key))
-    return MergeResult(state=state, info={"method": "fisher", "eps": eps})
+    return MergeResult(state=state, info=info)
 
 
 def diagonal_fisher(model: torch.nn.Module, batches, *, max_batches: int | None = None,
@@ -81,7 +84,9 @@ def diagonal_fisher(model: torch.nn.Module, batches, *, max_batches: int | None 
         return loss_fn(output_tensor(out), y.unsqueeze(0))
 
     try:
-        for index, batch in enumerate(itertools.islice(batches, max_batches)):
+        passes = bar(itertools.islice(batches, max_batches), "diagonal Fisher",
+                     total=batch_total(batches, max_batches))
+        for index, batch in enumerate(passes):
             inputs = batch_inputs(batch, index).to(device)
             if labels == "empirical":
                 y = batch_targets(batch, index)

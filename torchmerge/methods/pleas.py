@@ -77,9 +77,11 @@ from torch import nn
 
 from ..align import _activation_scorers, _Matcher, _shared_states
 from ..errors import TorchMergeError
+from ..progress import bar
 from ..spec import PermutationSpec
 from ..batches import iter_calls
 from ..trace import eval_mode, trace
+from .base import flag
 from .mats import conjugate_gradient
 
 __all__ = ["pleas", "PleasResult"]
@@ -118,7 +120,7 @@ def pleas(experts, spec, data, *, width=1.0, heads=None, ridge: float = 1e-5, ma
     with contextlib.ExitStack() as stack:
         for e in experts:
             stack.enter_context(eval_mode(e))
-        perms, quality, how = _match(experts, spec, inputs, head_params, seed)
+        perms, quality, how, match_converged = _match(experts, spec, inputs, head_params, seed)
         blocked = {g: r for g in spec.groups if (r := _widen_block(spec, experts[0], g, how)) is not None}
         sources, matched = _partial(spec, perms, quality, widths_req, blocked, T)
         merged = _assemble(experts, spec, sources, head_params)
@@ -126,12 +128,13 @@ def pleas(experts, spec, data, *, width=1.0, heads=None, ridge: float = 1e-5, ma
         _check_forward(merged, experts[0], inputs[0][0], sources, spec)
         layers, skipped, order_note = _layers(experts[0], inputs[0][0], head_params)
         fit = _Fitter(experts, merged, spec, sources, inputs, head_params, ridge, max_direct, cg_iters)
-        for path, bn_path, is_head in layers:
+        for path, bn_path, is_head in bar(layers, "pleas: layers"):
             fit.layer(path, bn_path, is_head)
         head_states = fit.finish_heads()
     info.update(matched=matched, match_source=how, fixed_width=blocked, fitted=fit.fitted,
                 not_fitted=skipped, bn_identity=fit.bn_identity, solver=fit.solver,
-                residual=fit.residual, layer_order=order_note)
+                residual=fit.residual, layer_order=order_note, match_converged=match_converged)
+    _flag_fallbacks(info, order_note, match_converged)
     widths = {g: int(s.shape[1]) for g, s in sources.items()}
     return PleasResult(merged, head_states, widths, sources, info)
 
@@ -222,13 +225,15 @@ def _tensors(model):
 def _match(experts, spec, inputs, exclude, seed):
     """Permutations of every expert onto expert 0 and a match quality per expert-0 unit."""
     pooled = [x for xs in inputs for x in xs]
-    perms, scores, how = [spec.identity_perms()], {g: [] for g in spec.groups}, {}
-    for t in range(1, len(experts)):
+    perms, scores, how, converged = [spec.identity_perms()], {g: [] for g in spec.groups}, {}, [True]
+    for t in bar(range(1, len(experts)), "pleas: match experts"):
         ref, oth = _shared_states(experts[0], experts[t], spec, exclude)
         scorers = _activation_scorers(experts[0], experts[t], spec, pooled, None, 4)
         matcher = _Matcher(spec, ref, oth, scorers)
-        p = matcher.run(100, seed).perms
+        run = matcher.run(100, seed)
+        p = run.perms
         perms.append(p)
+        converged.append(run.converged)
         self_ref, self_oth = _Matcher(spec, ref, ref, {}), _Matcher(spec, oth, oth, {})
         ident = spec.identity_perms()
         for g in spec.groups:
@@ -246,7 +251,26 @@ def _match(experts, spec, inputs, exclude, seed):
             else:
                 how[g] = "none"
     quality = {g: torch.stack(v).double().mean(0) for g, v in scores.items() if v}
-    return perms, quality, how
+    return perms, quality, how, converged
+
+
+def _flag_fallbacks(info, order_note, match_converged):
+    """``info["fallbacks"]``, each also a warning: lost BatchNorm pairing, unconverged solvers."""
+    fallbacks = []
+    if "fx trace failed" in order_note:
+        fallbacks.append(f"{order_note.partition('; ')[2]}: each layer is fitted to its own output "
+                         "and BatchNorms keep the owning experts' average (pass a model torch.fx "
+                         "can trace to fit conv+BatchNorm composites)")
+    if not all(match_converged):
+        bad = [t for t, ok in enumerate(match_converged) if not ok]
+        fallbacks.append(f"unit matching of expert(s) {bad} stopped at 100 sweeps without converging")
+    bad = sorted(p for p, kind in info["solver"].items() if "unconverged" in kind)
+    if bad:
+        fallbacks.append(f"conjugate gradient stopped at cg_iters before tol=1e-8 on {bad}: raise "
+                         "cg_iters (or max_direct, to solve them by Cholesky)")
+    info["fallbacks"] = fallbacks
+    for message in fallbacks:
+        flag(info, f"pleas: {message}")
 
 
 def _widen_block(spec, model, g, how):
@@ -430,7 +454,8 @@ def _layers(model, x, head_params):
                 if isinstance(bn, _BN) and bn.affine and bn.track_running_stats and once:
                     pairs[n.target] = users[0].target
     except TorchMergeError as err:
-        note += f"; no conv+BatchNorm pairing (fx trace failed: {str(err).splitlines()[0]})"
+        if any(isinstance(m, _BN) for m in model.modules()):  # only BatchNorms lose by it
+            note += f"; no conv+BatchNorm pairing (fx trace failed: {str(err).splitlines()[0]})"
     head_mods = {p.rpartition(".")[0] for p in head_params}
     layers, skipped = [], {}
     for name in order:
@@ -638,8 +663,8 @@ def _solve_spd(A, b, x0, max_direct, cg_iters):
         return sol.to(A.device), "lstsq"
     diag = A.diagonal()
     inv = torch.where(diag > 0, 1.0 / diag, torch.ones_like(diag))[:, None]
-    x, _, _ = conjugate_gradient(lambda v: A @ v, b, x0, cg_iters, 1e-8, lambda r: r * inv)
-    return x, "cg"
+    x, _, res = conjugate_gradient(lambda v: A @ v, b, x0, cg_iters, 1e-8, lambda r: r * inv)
+    return x, "cg" if res <= 1e-8 else "cg-unconverged"
 
 
 def _residual(wa, systems):

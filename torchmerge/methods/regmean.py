@@ -12,7 +12,8 @@ by default — α = 1 — and the paper tunes α; 0.9 is the value common re-imp
 Grams are the *sums* X_iᵀX_i, so experts with more examples weigh more; normalise them first
 if you want equal weight. Parameters without a Gram (biases, norms) are averaged.
 Input features whose Gram diagonal is zero for every expert (dead units) make Σ G_i singular;
-those columns of W* are set to the average of the experts' columns.
+those columns of W* are set to the average of the experts' columns. That fallback, and LU where
+Σ G_i is not positive definite, are listed in ``info["fallbacks"]``; LU is also warned about.
 
 >>> import torch
 >>> from torchmerge.methods import regmean
@@ -28,7 +29,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import ShapeError, TorchMergeError
-from .base import Aligned, MergeResult, check_fraction
+from ..progress import bar
+from .base import Aligned, MergeResult, check_degenerate, check_fraction, flag
 
 _SOLVE_DTYPE = torch.float64
 
@@ -108,21 +110,28 @@ def solve_right_cholesky(low: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(low, b, upper=False, left=False, out=b)
 
 
-def _fill_dead(al: Aligned, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Inputs no expert ever saw (zero Gram diagonal): W*'s column is the experts' mean column."""
+def _fill_dead(al: Aligned, key: str, a: torch.Tensor, b: torch.Tensor, notes=None) -> None:
+    """Inputs no expert ever saw (zero Gram diagonal): W*'s column is the experts' mean column
+    (noted in ``notes``)."""
     dead = a.diagonal() == 0
     if bool(dead.any()):
+        if notes is not None:
+            notes.append(f"{key}: {int(dead.sum())} of {dead.numel()} input features have a zero Gram "
+                         "for every expert (dead inputs); their columns are the experts' average")
         a.diagonal().add_(dead.to(a.dtype))
         mean = sum(e[key].reshape(b.shape[0], -1).to(_SOLVE_DTYPE) for e in al.experts) / al.num_tasks
         b[:, dead] = mean[:, dead]
 
 
-def regmean_key(al: Aligned, grams: list[dict], key: str, alpha: float) -> torch.Tensor:
+def regmean_key(al: Aligned, grams: list[dict], key: str, alpha: float, notes=None) -> torch.Tensor:
+    """W* for one weight; ``notes`` (a list) collects the fallbacks taken."""
     a, b = regmean_system(al, grams, key, alpha)
-    _fill_dead(al, key, a, b)
+    _fill_dead(al, key, a, b, notes)
     shape = tuple(a.shape)
     low = cholesky_in_place(a)
     if low is None:  # symmetric but not positive definite (Grams that are not X^T X): LU
+        if notes is not None:
+            notes.append(f"{key}: Σ Gram is not positive definite (Cholesky failed); solved by LU")
         a, b = regmean_system(al, grams, key, alpha)
         _fill_dead(al, key, a, b)
         try:
@@ -148,13 +157,19 @@ def regmean(experts, grams, alpha: float = 0.9) -> MergeResult:
     alpha = check_fraction("alpha", alpha, closed_low=True)
     al = Aligned(experts, None)
     grams = check_stats(al, grams, "grams", gram_shape)
+    info = {"method": "regmean", "alpha": alpha, "solved": sorted(grams[0]), "fallbacks": []}
+    check_degenerate(al, info)
     state = {}
-    for key in al.keys:
+    for key in bar(al.keys, "regmean: solve"):
         if key not in al.float_keys:
             state[key] = al.passthrough(key)
         elif key in grams[0]:
-            state[key] = regmean_key(al, grams, key, alpha)
+            state[key] = regmean_key(al, grams, key, alpha, info["fallbacks"])
         else:
             state[key] = al.out(key, al.base(key))  # base() is the mean when base=None
-    return MergeResult(state=state, info={"method": "regmean", "alpha": alpha,
-                                          "solved": sorted(grams[0])})
+    # dead inputs (a ReLU unit no example activates) are common and harmless: recorded, not warned
+    solver = [n for n in info["fallbacks"] if "dead inputs" not in n]
+    if solver:
+        flag(info, f"regmean fell back to LU on {len(solver)} weight(s) (all in info['fallbacks']; "
+                   f"first: {solver[0]})")
+    return MergeResult(state=state, info=info)

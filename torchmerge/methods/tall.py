@@ -36,7 +36,8 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import TorchMergeError
-from .base import Aligned, MergeResult, check_choice, check_fraction, check_nonneg, pack_masks
+from .base import (Aligned, MergeResult, check_choice, check_degenerate, check_fraction, check_nonneg,
+                   pack_masks)
 from .ties import ties_key, topk_thresholds
 
 
@@ -97,7 +98,19 @@ def tall(experts, base=None, lam=0.4, mtl: str = "sum", ties_k: float = 0.2,
     info = {"method": "tall", "lam": lams, "mtl": mtl}
     if mtl == "ties":
         info.update(ties_k=src.ties_k, ties_lam=src.ties_lam)
+    _check_degenerate(src, info, lams)
     return MergeResult(state=state, masks=masks, base=base_out, info=info)
+
+
+def _check_degenerate(src: _MTL, info: dict, lams, zero: str | None = None) -> None:
+    """Warnings for base=None, ties_lam=0 (τ_MTL = 0) and lam=0 (all masks on)."""
+    if src.mtl == "ties" and src.ties_lam == 0:
+        zero = "mtl='ties', ties_lam=0: τ_MTL = 0 and the result is the base θ₀; pass ties_lam > 0"
+    elif zero is None and all(v == 0 for v in lams):
+        zero = ("lam=0: every task mask is all ones, so nothing is localised (task arithmetic on "
+                "τ_MTL); pass lam > 0 (the paper picks 0.2-0.6)")
+    check_degenerate(src.al, info, around_mean="τ_MTL is 0 (mtl='sum'; sign noise with mtl='ties' "
+                     "and 2 experts), so every task's model is the plain average", zero=zero)
 
 
 def consensus(experts, base=None, k: int = 2, lam=0.4, mtl: str = "sum", scale: float = 1.0,
@@ -119,4 +132,8 @@ def consensus(experts, base=None, k: int = 2, lam=0.4, mtl: str = "sum", scale: 
         votes = src.masks(key, theta0, tau_mtl, lams).sum(0).view(tau_mtl.shape)
         state[key] = al.out(key, theta0 + scale * torch.where(votes >= k, tau_mtl, 0.0))
     info = {"method": "consensus", "k": k, "lam": lams, "mtl": mtl, "scale": scale}
+    ignored = (f"k={k} > {al.num_tasks} experts: no entry has k masks on" if k > al.num_tasks else
+               "scale=0" if scale == 0 else None)
+    _check_degenerate(src, info, lams, ignored and f"{ignored}, so the result is the base θ₀; pass "
+                      "0 < k <= the number of experts and scale > 0")
     return MergeResult(state=state, info=info)

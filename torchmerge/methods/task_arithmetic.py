@@ -3,7 +3,8 @@
     θ* = θ₀ + λ Σ_i τ_i,   τ_i = θ_i − θ₀,   default λ = 0.4 (the value the papers in
     ALGORITHMS.md use; Ilharco et al. pick λ on validation data from {0, 0.05, …, 1}).
 
-With ``base=None`` θ₀ is the mean of the experts, so Σ τ_i = 0 and the result is the average.
+With ``base=None`` θ₀ is the mean of the experts, so Σ τ_i = 0 and the result is the average
+(for every λ): that call warns, as does λ = 0 (the result is θ₀).
 
 >>> import torch
 >>> from torchmerge.methods import task_arithmetic
@@ -14,12 +15,15 @@ With ``base=None`` θ₀ is the mean of the experts, so Σ τ_i = 0 and the resu
 """
 from __future__ import annotations
 
-from .base import Aligned, MergeResult, add_to_base, check_nonneg, summed_taus
+from .base import (Aligned, MergeResult, add_to_base, check_degenerate, check_nonneg, summed_taus,
+                   zero_lam)
 
 
 def task_arithmetic(experts, base=None, lam: float = 0.4) -> MergeResult:
     """θ₀ + λ Σ_i τ_i, key by key (see the module docstring)."""
     lam = check_nonneg("lam", lam)
     al = Aligned(experts, base)
-    state = add_to_base(al, lam, summed_taus(al))
-    return MergeResult(state=state, info={"method": "task_arithmetic", "lam": lam})
+    info = {"method": "task_arithmetic", "lam": lam}
+    check_degenerate(al, info, around_mean="the result is the plain average for every lam",
+                     zero=zero_lam(lam))
+    return MergeResult(state=add_to_base(al, lam, summed_taus(al)), info=info)

@@ -9,7 +9,8 @@ When Merging Models"):
 4. θ* = θ₀ + λ τ_m, default λ = 1.0 (the paper's example; it sweeps 0.8–2.5).
 
 With ``base=None`` (θ₀ = mean of the experts) Σ_i τ_i = 0: for T = 2 (τ_1 = −τ_2) every elected
-sign is rounding noise, so give a real base there.
+sign is rounding noise, and for more experts TIES trims deviations from the mean rather than from
+a pretrained model: that call warns; give a real base. λ = 0 (the result is θ₀) warns too.
 
 Where Σ_i trimmed_i is exactly 0 the entry stays θ₀ (the official code instead falls back to the
 majority sign over the whole model; the two differ only on exact cancellations).
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Aligned, MergeResult, add_to_base, check_fraction, check_nonneg
+from .base import (Aligned, MergeResult, add_to_base, check_degenerate, check_fraction, check_nonneg,
+                   zero_lam)
 
 _HI = 1 << 15  # high 16 bits of a non-negative float32 pattern: 0..32767
 _LO = 1 << 16
@@ -109,4 +111,8 @@ def ties(experts, base=None, k: float = 0.2, lam: float = 1.0) -> MergeResult:
     """TIES-Merging; see the module docstring for the formula and defaults."""
     k = check_fraction("k", k)
     lam = check_nonneg("lam", lam)
-    return ties_merge_source(Aligned(experts, base), k, lam, {"method": "ties", "k": k, "lam": lam})
+    src, info = Aligned(experts, base), {"method": "ties", "k": k, "lam": lam}
+    check_degenerate(src, info, around_mean="the elected signs are rounding noise for 2 experts (for "
+                     "more, TIES trims deviations from the mean, not from a pretrained model)",
+                     zero=zero_lam(lam))
+    return ties_merge_source(src, k, lam, info)
