@@ -115,15 +115,20 @@ def test_auto_build_keeps_graph_for_traceable_models():
 
 
 def test_tall_weights_switch_with_task_and_mixed_batches():
+    """Injected TALL: each task equals θ₀ + m_t∘τ_MTL in a plain model and the graph build; tasks differ."""
+    from test_merged import TALL_LAM, tall_reference, tall_setup
     case = BY_NAME["mlp"]
-    experts = _experts(case, 3)
+    base, experts = tall_setup(case)
     x = _inputs(case)
-    graph = tm.merge(experts, method="tall", lam=0.0, example_inputs=x, align=None, correction=None)
-    merged = _injected(experts, x, method="tall", lam=0.0)
+    kw = dict(method="tall", base=base, lam=TALL_LAM)
+    graph = tm.merge(experts, example_inputs=x, align=None, correction=None, **kw)
+    merged = _injected(experts, x, **kw)
     ids = torch.tensor([2, 0, 1, 2])
     with torch.no_grad():
         per_task = [merged(*x, task=t) for t in range(3)]
+        assert not torch.allclose(per_task[0], per_task[1], atol=1e-3)
         for t in range(3):
+            assert torch.allclose(per_task[t], tall_reference(base, experts, t)(*x), atol=1e-5), t
             assert torch.allclose(per_task[t], graph(*x, task=t), atol=1e-6)
             assert torch.allclose(merged.export(t)(*x), per_task[t], atol=1e-6)
         mixed = merged(*x, task=ids)

@@ -221,15 +221,54 @@ def test_training_step_changes_only_task_parameters():
     assert all(k.startswith(("body.sites.", "body.fc.")) for k in changed_params)
 
 
+TALL_LAM = 0.5
+
+
+def tall_setup(case, n=3):
+    """A real base θ₀ and n experts θ₀ + τ_t with different random τ_t (so TALL masks differ)."""
+    torch.manual_seed(0)
+    base = case.make_model().eval()
+    experts = []
+    for t in range(n):
+        expert = copy.deepcopy(base)
+        gen = torch.Generator().manual_seed(100 + t)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        experts.append(expert)
+    return base, experts
+
+
+def tall_reference(base, experts, t, lam=TALL_LAM, head="head."):
+    """Task t's model computed here: a plain copy of expert t holding θ₀ + m_t ∘ τ_MTL (own head)."""
+    theta0, out = base.state_dict(), copy.deepcopy(experts[t])
+    state = out.state_dict()
+    for name, p0 in theta0.items():
+        if name.startswith(head) or not p0.is_floating_point():
+            continue
+        taus = [e.state_dict()[name] - p0 for e in experts]
+        mtl = sum(taus)
+        mask = taus[t].abs() >= lam * (mtl - taus[t]).abs()
+        state[name] = p0 + mask * mtl
+    out.load_state_dict(state)
+    return out.eval()
+
+
 def test_tall_weights_switch_with_task():
+    """Each task computes θ₀ + m_t∘τ_MTL (checked against a plain model); tasks really differ."""
     case = BY_NAME["mlp"]
-    experts = _experts(case, 3)
-    merged, _ = _merged(case, experts=experts, method="tall", lam=0.0)
-    # λ = 0 keeps every entry where the task vector is non-zero: each task gets θ₀ + τ_MTL masked
+    base, experts = tall_setup(case)
+    merged, _ = _merged(case, experts=experts, method="tall", base=base, lam=TALL_LAM)
     x = _inputs(case)
     with torch.no_grad():
         per_task = [merged(*x, task=t) for t in range(3)]
+        refs = [tall_reference(base, experts, t)(*x) for t in range(3)]
         mixed = merged(*x, task=torch.tensor([2, 0, 1, 2]))
+    for t in range(3):
+        assert torch.allclose(per_task[t], refs[t], atol=1e-5), t
+    bodies = [tall_reference(base, experts, t).fc1.weight for t in range(3)]
+    assert not torch.equal(bodies[0], bodies[1]) and not torch.equal(bodies[1], bodies[2])  # masks differ
+    assert not torch.allclose(per_task[0], per_task[1], atol=1e-3)
     for i, t in enumerate([2, 0, 1, 2]):
         assert torch.allclose(mixed[i], per_task[t][i], atol=1e-6)
     assert merged.task_weights is not None and merged.task_weights.num_tasks == 3

@@ -67,6 +67,15 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     >>> merged.info["method"], merged.info["alignment"]["converged"], merged.info["warnings"]
     ('regmean', [True, True], [])
     """
+    if method == "route":  # routers over the experts' frozen blocks: its own build (torchmerge/route.py)
+        from .route import merge_route
+
+        if base is not None:
+            raise TorchMergeError("method='route' routes between the experts themselves: pass base=None")
+        return merge_route(experts, data, align=align, heads=heads, task_names=task_names,
+                           correction=None if correction == "affine" else correction,
+                           max_batches=max_batches, seed=seed, example_inputs=example_inputs,
+                           **method_kwargs)
     method = _default_method(method, base, data)
     experts, data, example = validate.merge_arguments(
         experts, method, base, data, align=align, correction=correction, heads=heads, sites=sites,
