@@ -92,3 +92,17 @@ def plain_average(merged, experts, task):
     plain = copy.deepcopy(experts[task]).eval()
     plain.load_state_dict(state)
     return plain
+
+
+def task_vector_experts(base, n=3):
+    """n experts θ₀ + τ_t around ``base``, each τ_t a different seeded random vector (so TALL
+    masks differ between tasks); ``base`` is left as it is."""
+    experts = []
+    for t in range(n):
+        expert = copy.deepcopy(base)
+        gen = torch.Generator().manual_seed(100 + t)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        experts.append(expert)
+    return experts

@@ -15,6 +15,7 @@ from torch import nn
 
 import torchmerge as tm
 from merge_helpers import TABLE, check_mixed_batch, plain_average as _plain_merge
+from merge_helpers import task_vector_experts
 from merge_helpers import inputs_of as _inputs, randomize_sites as _randomize_sites
 from architectures import BY_NAME, randomize_
 
@@ -228,14 +229,7 @@ def tall_setup(case, n=3):
     """A real base θ₀ and n experts θ₀ + τ_t with different random τ_t (so TALL masks differ)."""
     torch.manual_seed(0)
     base = case.make_model().eval()
-    experts = []
-    for t in range(n):
-        expert = copy.deepcopy(base)
-        gen = torch.Generator().manual_seed(100 + t)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-        experts.append(expert)
+    experts = task_vector_experts(base, n)
     return base, experts
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import torchmerge as tm
+from merge_helpers import task_vector_experts
 
 LAM = 0.4
 BUILDS = ["graph", "inject"]
@@ -30,14 +31,7 @@ def _setup(n=3):
     """A real base and n experts = base + a different task vector each (so the masks differ)."""
     torch.manual_seed(0)
     base = Net()
-    experts = []
-    for t in range(n):
-        expert = copy.deepcopy(base)
-        gen = torch.Generator().manual_seed(100 + t)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-        experts.append(expert)
+    experts = task_vector_experts(base, n)
     return base, experts
 
 
