@@ -89,3 +89,11 @@ def test_single_candidate_warns():
     with pytest.warns(UserWarning, match="one candidate"):
         merged = route([net(0)])
     assert merged.info["warnings"]
+
+
+def test_data_given_as_a_generator_of_tasks():
+    """A one-shot generator of per-task batches is read once, not consumed by the option checks."""
+    experts = [net(0), net(1)]
+    merged = tm.merge(experts, method="route", data=(d for d in data(2)), align=None, route_steps=3)
+    assert merged(torch.randn(5, 4), task=1).shape == (5, 3)
+    assert len(merged.info["training"]["loss_after"]) == 2

@@ -378,7 +378,7 @@ def _heads(model, heads) -> list:
 def _check_options(experts, data, correction, loss, steps, lr):
     if not isinstance(experts, (list, tuple)) or not experts or not all(isinstance(e, nn.Module) for e in experts):
         raise TorchMergeError("method='route' needs experts: a non-empty list of nn.Module")
-    if data is None or len(list(data)) != len(experts):
+    if data is None or len(data) != len(experts):
         raise TorchMergeError(f"method='route' trains routers on task data: pass data= with one iterable of "
                               f"batches per expert ({len(experts)})")
     if correction not in (None, "affine"):
@@ -423,8 +423,8 @@ def merge_route(experts, data, *, blocks="auto", window: int = 0, top_k=None, al
     >>> merged.info["blocks"]
     ['1', '2', '3']
     """
+    data = None if data is None else list(data)  # once: a generator of tasks is read a single time
     _check_options(experts, data, correction, route_loss, route_steps, route_lr)
-    data = list(data)
     names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(experts))]
     head_paths = _heads(experts[0], heads)
     runs = select_blocks(experts[0], blocks)
@@ -432,9 +432,7 @@ def merge_route(experts, data, *, blocks="auto", window: int = 0, top_k=None, al
     call = first_call(data[0]) if example_inputs is None else example_inputs_of(example_inputs)
     aligned, alignment, cka = list(experts), None, None
     if align is not None:
-        example = call.args if not call.kwargs else call.kwargs
-        aligned, alignment = _aligned(experts, example[0] if len(example) == 1 and not call.kwargs else example,
-                                      align, data, head_paths, seed, max_batches)
+        aligned, alignment = _aligned(experts, call, align, data, head_paths, seed, max_batches)
         if len(experts) > 1:
             cka = cka_report(experts, aligned, data, plan, max_batches)
     model = build_routed(aligned, plan, head_paths, call, top_k, names)
