@@ -3,7 +3,9 @@
 - :func:`interpolate`, :func:`evaluate`, :func:`interpolation_barrier` — the loss/accuracy barrier
   on the straight line between two models;
 - :func:`cka` (and :func:`linear_cka`, :func:`hsic_biased`, :func:`hsic_unbiased`) — linear CKA
-  between corresponding layers, exact or minibatch-unbiased;
+  between corresponding layers, exact or minibatch-unbiased (invariant to permuting units);
+- :func:`unit_correlation` — how well unit j of one model matches unit j of another (what
+  permutation alignment raises);
 - :func:`variance_ratios` — per-site variance collapse of a merged model against its experts;
 - :func:`plot_cka`, :func:`plot_variance_ratios`, :func:`plot_barrier` — PNG figures (matplotlib).
 
@@ -199,36 +201,96 @@ def cka(model_a: nn.Module, model_b: nn.Module, data, layers=None, *, debiased: 
     {'0': 1.0, '2': 1.0}
     """
     pairs = _layer_pairs(model_a, model_b, layers)
-    from .batches import iter_calls
-
     sums = {n: torch.zeros(3, dtype=torch.float64) for n in pairs}
     feats = {n: ([], []) for n in pairs}
-    seen = {}
-    batches = 0
+    for name, out_a, out_b in _paired_outputs(model_a, model_b, data, pairs, max_batches, "cka"):
+        if debiased:
+            fa, fb = _rows(out_a), _rows(out_b)
+            k, l = fa @ fa.T, fb @ fb.T
+            sums[name] += torch.stack([hsic_unbiased(k, l), hsic_unbiased(k, k), hsic_unbiased(l, l)]).cpu()
+        else:  # kept in the activations' dtype; float64 only for the final products
+            feats[name][0].append(out_a.detach().reshape(out_a.shape[0], -1))
+            feats[name][1].append(out_b.detach().reshape(out_b.shape[0], -1))
+    if debiased:
+        return {n: float(s[0] / torch.sqrt(s[1] * s[2]).clamp_min(1e-30)) for n, s in sums.items()}
+    return {n: linear_cka(torch.cat(fa), torch.cat(fb)) for n, (fa, fb) in feats.items()}
+
+
+def unit_correlation(model_a: nn.Module, model_b: nn.Module, data, layers=None, *, max_batches=None) -> dict:
+    """Mean over units of the Pearson correlation between unit j of ``model_a`` and unit j of
+    ``model_b`` at corresponding layers' outputs, on the same inputs.
+
+    Unlike CKA, which is invariant to permuting (indeed rotating) either model's units, this
+    measures whether the units *correspond*: permutation alignment exists to raise it, and it is 1
+    for a model against itself. Units: the channel axis (1 for ``[B, C, ...]``, the last for token
+    layouts ``[B, N, C]``); each position (pixel, token) and sample is an observation. A unit
+    constant in one model only counts as correlation 0; one constant in both (e.g. a dead ReLU) is
+    left out of the mean (NaN when every unit is). ``layers`` as for :func:`cka` (the layers
+    of one pair must have the same width).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> shuffled = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> shuffled.load_state_dict(net.state_dict())
+    <All keys matched>
+    >>> perm = torch.randperm(8)
+    >>> with torch.no_grad():
+    ...     shuffled[0].weight.copy_(net[0].weight[perm]); shuffled[0].bias.copy_(net[0].bias[perm])
+    ...     shuffled[2].weight.copy_(net[2].weight[:, perm])
+    >>> data = [torch.randn(64, 4) for _ in range(2)]
+    >>> round(unit_correlation(net, net, data, layers=["0"])["0"], 6)
+    1.0
+    >>> unit_correlation(net, shuffled, data, layers=["0"])["0"] < 0.9  # same function, units shuffled
+    True
+    >>> round(cka(net, shuffled, data, layers=["0"])["0"], 6)  # CKA cannot see the shuffle
+    1.0
+    """
+    pairs = _layer_pairs(model_a, model_b, layers)
+    moments = {}
+    for name, out_a, out_b in _paired_outputs(model_a, model_b, data, pairs, max_batches, "unit_correlation"):
+        a, b = _units(out_a), _units(out_b)
+        if a.shape[1] != b.shape[1]:
+            raise TorchMergeError(f"unit_correlation: layer {name!r} has {a.shape[1]} units in model_a and "
+                                  f"{b.shape[1]} in model_b; compare layers of one width")
+        m = torch.stack([torch.full_like(a[0], a.shape[0]), a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0),
+                         (a * b).sum(0)]).cpu()
+        moments[name] = m if name not in moments else moments[name] + m
+    out = {}
+    for name, (n, sa, sb, qa, qb, ab) in moments.items():
+        cov = ab / n - sa * sb / n ** 2
+        var = (qa / n - (sa / n) ** 2).clamp_min(0) * (qb / n - (sb / n) ** 2).clamp_min(0)
+        live_a, live_b = (qa / n - (sa / n) ** 2) > 1e-12, (qb / n - (sb / n) ** 2) > 1e-12
+        corr = torch.where(var > 1e-24, cov / var.sqrt().clamp_min(1e-30), torch.zeros_like(cov))
+        counted = live_a | live_b  # a unit constant in both models (a dead ReLU) says nothing
+        out[name] = float(corr[counted].mean()) if counted.any() else float("nan")
+    return out
+
+
+def _units(x: torch.Tensor) -> torch.Tensor:
+    """``[observations, units]`` in float64: the channel axis last (see :func:`unit_correlation`)."""
+    x = x.detach()
+    axis = x.dim() - 1 if x.dim() == 3 else min(1, x.dim() - 1)
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis]).double()
+
+
+def _paired_outputs(model_a, model_b, data, pairs: dict, max_batches, what: str):
+    """Per batch and layer, ``(name, output of model_a, output of model_b)`` (on model_a's device)."""
+    from .batches import iter_calls
+
+    seen, batches = {}, 0
     device = next((p.device for p in model_a.parameters()), None)
-    with eval_mode(model_a), eval_mode(model_b), _capture(pairs, seen):
+    with torch.no_grad(), eval_mode(model_a), eval_mode(model_b), _capture(pairs, seen):
         for x in iter_calls(data, max_batches=max_batches, device=device):
             seen.clear()
             x(model_a)
             x.to(next((p.device for p in model_b.parameters()), None))(model_b)
             for name in pairs:
                 if (name, 0) not in seen or (name, 1) not in seen:
-                    raise TorchMergeError(f"cka: layer {name!r} was not called in both models' forward")
-                out_a, out_b = seen[name, 0], seen[name, 1].to(seen[name, 0].device)
-                if debiased:
-                    fa, fb = _rows(out_a), _rows(out_b)
-                    k, l = fa @ fa.T, fb @ fb.T
-                    sums[name] += torch.stack([hsic_unbiased(k, l), hsic_unbiased(k, k),
-                                               hsic_unbiased(l, l)]).cpu()
-                else:  # kept in the activations' dtype; float64 only for the final products
-                    feats[name][0].append(out_a.detach().reshape(out_a.shape[0], -1))
-                    feats[name][1].append(out_b.detach().reshape(out_b.shape[0], -1))
+                    raise TorchMergeError(f"{what}: layer {name!r} was not called in both models' forward")
+                yield name, seen[name, 0], seen[name, 1].to(seen[name, 0].device)
             batches += 1
     if batches == 0:
-        raise TorchMergeError("cka got no batches")
-    if debiased:
-        return {n: float(s[0] / torch.sqrt(s[1] * s[2]).clamp_min(1e-30)) for n, s in sums.items()}
-    return {n: linear_cka(torch.cat(fa), torch.cat(fb)) for n, (fa, fb) in feats.items()}
+        raise TorchMergeError(f"{what} got no batches")
 
 
 @contextlib.contextmanager

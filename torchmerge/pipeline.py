@@ -73,7 +73,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         if base is not None:
             raise TorchMergeError("method='route' routes between the experts themselves: pass base=None")
         return merge_route(experts, data, align=align, heads=heads, task_names=task_names,
-                           correction=None if correction == "affine" else correction,
+                           correction=correction,
                            max_batches=max_batches, seed=seed, example_inputs=example_inputs,
                            **method_kwargs)
     method = _default_method(method, base, data)
