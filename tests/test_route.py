@@ -8,6 +8,7 @@ from torch import nn
 
 import torchmerge as tm
 from torchmerge.errors import TorchMergeError
+from torchmerge.route import fit_route_affines, keep_helpful_affines
 
 
 def net(seed, depth=3, out=3):
@@ -163,7 +164,8 @@ def test_affine_correction_matches_expert_block_statistics():
             p.mul_(2.5)
     batches = data(3)
     plain = tm.merge(experts, method="route", data=batches, align=None, route_steps=0, correction=None)
-    fixed = tm.merge(experts, method="route", data=batches, align=None, route_steps=0, correction="affine")
+    fixed = tm.merge(experts, method="route", data=batches, align=None, route_steps=0, correction=None)
+    fit_route_affines(fixed, experts, batches)  # the fit itself (tm.merge then keeps it where it helps)
     for t in range(3):
         for path in ("1", "2", "3"):
             mean_e, var_e = _block_moments(experts[t], path, batches[t])
@@ -175,7 +177,6 @@ def test_affine_correction_matches_expert_block_statistics():
         _, var_e = _block_moments(experts[t], "3", batches[t])
         live = var_e > 1e-3
         assert (var_f / var_e - 1)[live].abs().mean() < (var_p / var_e - 1)[live].abs().mean()
-    assert fixed.info["training"]["loss_corrected"] is not None
 
 
 class TokenMix(nn.Module):
@@ -241,3 +242,19 @@ def test_data_given_as_a_generator_of_tasks():
     merged = tm.merge(experts, method="route", data=(d for d in data(2)), align=None, route_steps=3)
     assert merged(torch.randn(5, 4), task=1).shape == (5, 3)
     assert len(merged.info["training"]["loss_after"]) == 2
+
+
+def test_correction_is_kept_only_where_it_lowers_the_loss():
+    """A task whose affines raise its distillation loss gets the identity back (the mix as trained)."""
+    experts, batches = [net(0), net(1)], data(2)
+    plain = tm.merge(experts, method="route", data=batches, align=None, route_steps=0, correction=None)
+    fixed = tm.merge(experts, method="route", data=batches, align=None, route_steps=0, correction="affine")
+    x = torch.randn(6, 4)
+    corrected = [fixed(x, task=t) for t in range(2)]
+    kept = keep_helpful_affines(fixed, [1.0, 1.0], [0.5, 2.0])
+    assert kept == {"task0": True, "task1": False}
+    torch.testing.assert_close(fixed(x, task=0), corrected[0])
+    torch.testing.assert_close(fixed(x, task=1), plain(x, task=1))
+    info = fixed.info["training"]
+    for t, name in enumerate(["task0", "task1"]):
+        assert info["loss_corrected"][t] <= info["loss_after"][t] or not info["correction_kept"][name]

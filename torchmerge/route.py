@@ -22,7 +22,9 @@ first (reference) expert, except the task heads, which are each task's own exper
   ``"kl"`` on logits; labels are not used), seeded by ``seed``.
 * Correction (``correction="affine"``, the default as for every method): after training, task t's
   channel affine after each routed block, fitted in closed form so its per-channel mean and variance
-  match expert t's block (one pass per block, in forward order); ``None`` leaves the mix as trained.
+  match expert t's block (one pass per block, in forward order), kept per task only where it lowers
+  that task's distillation loss (the routers were trained on it; ``info["training"]
+  ["correction_kept"]`` says where); ``None`` leaves the mix as trained.
 """
 from __future__ import annotations
 
@@ -148,6 +150,20 @@ class RoutedModel(MergedModel):
         super().__init__()
         self.body, self.state = body, state
         self._init_tasks(task_names)
+
+    def set_task(self, task) -> None:
+        """Also the task of the body's own methods called directly (``merged.generate(...)``)."""
+        super().set_task(task)
+        self.state.task = self.active_task
+
+    def __getattr__(self, name: str):
+        """The user's model's attributes (``config``, ``generate``, ...) reach through to the body."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "body":  # not set yet (during __init__)
+                raise
+            return getattr(super().__getattr__("body"), name)
 
     def router_blocks(self) -> dict:
         return {n: m for n, m in self.body.named_modules() if isinstance(m, RouterBlock)}
@@ -440,6 +456,21 @@ def fit_route_affines(model: RoutedModel, experts, data, max_batches=None, eps: 
     return report
 
 
+def keep_helpful_affines(model: RoutedModel, loss_after, loss_corrected) -> dict:
+    """The routers were trained on the distillation loss itself, so matching block statistics can
+    undo part of that: a task's affines are kept only where they lower its loss, else reset to the
+    identity. Returns ``{task: kept}`` (in ``merged.info["training"]["correction_kept"]``)."""
+    kept = {}
+    for t, (after, corrected) in enumerate(zip(loss_after, loss_corrected)):
+        kept[model.task_names[t]] = corrected <= after
+        if corrected > after:
+            with torch.no_grad():
+                for block in model.router_blocks().values():
+                    if block.scale is not None:
+                        block.scale[t], block.shift[t] = 1.0, 0.0
+    return kept
+
+
 def _set_affine(block: RouterBlock, t: int, num_tasks: int, target, seen, eps: float) -> None:
     """``scale = sqrt((var_e + eps) / (var_m + eps))``, ``shift = mean_e − scale · mean_m``."""
     (n_e, s_e, q_e), (n_m, s_m, q_m) = target, seen
@@ -600,6 +631,11 @@ def merge_route(experts, data, *, blocks="auto", window: int = 0, top_k=None, ro
         with stage("route: affine correction"):
             affines = fit_route_affines(model, aligned, data, max_batches)
         training["loss_corrected"] = loss()
+        training["correction_kept"] = keep_helpful_affines(model, training["loss_after"],
+                                                           training["loss_corrected"])
+        training["loss_corrected"] = [c if kept else a for c, a, kept in zip(
+            training["loss_corrected"], training["loss_after"], training["correction_kept"].values())]
+        affines = {n: v if training["correction_kept"][n] else None for n, v in affines.items()}
     notes = degenerate(plan, router == "shared", len(experts))
     for n in notes:
         warnings.warn(n, UserWarning, stacklevel=3)
