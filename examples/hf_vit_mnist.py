@@ -14,7 +14,10 @@ The setting of ``torchmerge demo`` (see ``torchmerge/demo.py``) with a transform
   ``model(pixel_values=x, labels=y).loss``;
 - merging: ``tm.merge(experts, method, base=[pretraining of each expert], data=[dict batches per
   task], align, correction)``. The merged model is still a ``ViTForImageClassification`` (the
-  injected build); each task is evaluated as ``merged.set_task(t); merged(pixel_values=x).logits``.
+  injected build); each task is evaluated as ``merged.set_task(t); merged(pixel_values=x).logits``;
+- routing: ``tm.merge(experts, method="route", data, align, window)`` over the experts' MLP blocks
+  (unaligned and aligned, window 0 and 1), with the compatibility of those blocks (CKA, unit
+  correlation before and after alignment) and the distillation losses in each row.
 
 Printed and written to ``--out`` (JSON): per setting (method, align, correction) the accuracy on
 each task's test images and the *normalized* accuracy, mean over tasks of merged / expert accuracy.
@@ -41,10 +44,12 @@ from torchmerge.demo import TASKS, load_images, split
 FULL = dict(pretrain_epochs=4, finetune_epochs=6, train_limit=None, calib_batches=16,
             settings=[(m, "weight", c) for m in ("average", "task_arithmetic", "ties", "tall")
                       for c in (None, "affine")]
-            + [(m, a, c) for m in ("task_arithmetic", "tall") for a in (None, "activation") for c in (None, "affine")])
+            + [(m, a, c) for m in ("task_arithmetic", "tall") for a in (None, "activation") for c in (None, "affine")],
+            routes=[(a, w) for a in (None, "weight", "activation") for w in (0, 1)])
 QUICK = dict(pretrain_epochs=3, finetune_epochs=3, train_limit=1500, calib_batches=4,
              settings=[("average", "weight", None), ("task_arithmetic", "weight", "affine"),
-                       ("tall", "weight", None), ("tall", "weight", "affine")])
+                       ("tall", "weight", None), ("tall", "weight", "affine")],
+             routes=[(None, 0), ("weight", 1)])
 BATCH, SEED = 64, 0
 PRETRAIN_LR, FINETUNE_LR = 2e-3, 1e-3  # 2e-3 leaves the parity expert stuck at chance in --quick
 
@@ -131,6 +136,28 @@ def merge_and_evaluate(setting, method, align, correction, cfg, expert_acc) -> d
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def route_and_evaluate(setting, align, window, cfg, expert_acc) -> dict:
+    """``method="route"``: per task, routers over the four experts' MLP blocks (and, with window 1,
+    the other layer's) on the MLP input of each token, trained by distillation; the rest is expert 0's."""
+    _, experts, train_sets, test_sets = setting
+    t0 = time.perf_counter()
+    merged = tm.merge(experts, method="route", data=train_sets, align=align, window=window,
+                      task_names=[t.name for t in TASKS], max_batches=cfg["calib_batches"], seed=SEED)
+    if not isinstance(merged.body, ViTForImageClassification):
+        raise TypeError(f"the routed body is a {type(merged.body).__name__}, not a ViTForImageClassification")
+    accs = [accuracy(merged, test, task=t.name) for t, test in zip(TASKS, test_sets)]
+    info = merged.info
+    compatibility = {k: [round(x, 3) for x in v] for k, v in info["compatibility"].items()}
+    return {"method": f"route w={window}", "align": str(align), "correction": "affine",
+            "accuracy": {t.name: a for t, a in zip(TASKS, accs)}, "mean_accuracy": sum(accs) / len(accs),
+            "normalized": sum(a / e for a, e in zip(accs, expert_acc)) / len(accs),
+            "compatibility": compatibility, "correction_kept": info["training"]["correction_kept"],
+            "distill_loss": {k: [round(x, 4) for x in info["training"][k]]
+                             for k in ("loss_before", "loss_after", "loss_corrected")},
+            "flops_ratio": round(info["flops_ratio"], 2), "params_ratio": round(info["params_ratio"], 2),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def print_table(rows: list, log=print) -> None:
     names = [t.name for t in TASKS]
     head = ["method", "align", "correction", *names, "mean acc", "normalized"]
@@ -160,12 +187,17 @@ def main(argv=None) -> dict:
         rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_acc))
         print(f"  {method}, align={align}, correction={correction}: normalized {rows[-1]['normalized']:.3f} "
               f"({rows[-1]['seconds']} s)")
+    for align, window in cfg["routes"]:
+        rows.append(route_and_evaluate(setting, align, window, cfg, expert_acc))
+        r = rows[-1]
+        print(f"  route, align={align}, window={window}: normalized {r['normalized']:.3f}, compatibility with "
+              f"experts 1-3 {r['compatibility']} ({r['seconds']} s)")
     print()
     print_table(rows)
     results = {"command": " ".join(["python examples/hf_vit_mnist.py", *(argv if argv is not None else sys.argv[1:])]),
                "quick": args.quick, "tasks": [{"name": t.name, "num_classes": t.num_classes, "parent": t.parent,
                                                 "view": t.view} for t in TASKS],
-               "config": {k: v for k, v in cfg.items() if k != "settings"}, "rows": rows,
+               "config": {k: v for k, v in cfg.items() if k not in ("settings", "routes")}, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

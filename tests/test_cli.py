@@ -21,6 +21,9 @@ def test_demo_quick_writes_table(tmp_path, capsys):
     assert {("experts", "-"), ("average", "None"), ("average", "affine"), ("ties", "None"),
             ("ties", "affine")} <= methods
     assert results["best_method"] in ("average", "ties")
+    assert {(m, c) for m in ("route", "route unaligned") for c in ("None", "affine")} <= methods
+    routed = {r["method"]: r["compatibility"] for r in results["rows"] if r["method"].startswith("route")}
+    assert "unit_correlation_aligned" in routed["route"] and "unit_correlation_aligned" not in routed["route unaligned"]
     assert {(results["best_method"], c) for c in ("repair", "affine+tune")} <= methods
     for row in results["rows"]:
         assert set(row["accuracy"]) == {t["name"] for t in results["tasks"]}
@@ -30,7 +33,7 @@ def test_demo_quick_writes_table(tmp_path, capsys):
     assert sites[0] == "features.1 (BatchNorm2d)", sites  # module paths, not fx node names
     table = (out / "results.md").read_text()
     assert "| method | correction |" in table and "normalized" in table and "features.1 (BatchNorm2d)" in table
-    assert "Reproducible: the same command with the same seeds" in table
+    assert "Reproducible: the same command with the same seeds" in table and "`route` rows:" in table
     assert "normalized" in printed and "ties" in printed
     assert list((out / "cache").glob("*/expert_*.pt"))  # experts cached for the next run
     if pytest.importorskip("matplotlib"):

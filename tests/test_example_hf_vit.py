@@ -57,3 +57,18 @@ def test_corrected_merge_beats_plain_average(results):
     plain = _row(results, "average", "weight", "None")["normalized"]
     corrected = [_row(results, m, "weight", "affine")["normalized"] for m in ("task_arithmetic", "tall")]
     assert max(corrected) > plain + 0.05, (corrected, plain)
+
+
+def test_routing_rows_report_compatibility_and_beat_plain_average(results):
+    rows = [r for r in results["rows"] if r["method"].startswith("route")]
+    assert {(r["method"], r["align"]) for r in rows} == {("route w=0", "None"), ("route w=1", "weight")}
+    for r in rows:
+        assert len(r["compatibility"]["cka"]) == 3  # expert 0 against each other expert
+        assert all(0.0 <= c <= 1.0 + 1e-6 for c in r["compatibility"]["cka"])
+        assert all(-1.0 <= c <= 1.0 for c in r["compatibility"]["unit_correlation"])
+        assert r["flops_ratio"] > 1.0 and len(r["correction_kept"]) == 4
+        assert all(a <= b for a, b in zip(r["distill_loss"]["loss_after"], r["distill_loss"]["loss_before"]))
+    aligned = next(r for r in rows if r["align"] == "weight")
+    assert "unit_correlation_aligned" in aligned["compatibility"]
+    plain = _row(results, "average", "weight", "None")["normalized"]
+    assert max(r["normalized"] for r in rows) > plain + 0.05

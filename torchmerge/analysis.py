@@ -231,12 +231,11 @@ def unit_correlation(model_a: nn.Module, model_b: nn.Module, data, layers=None, 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     >>> shuffled = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    >>> shuffled.load_state_dict(net.state_dict())
-    <All keys matched>
+    >>> _ = shuffled.load_state_dict(net.state_dict())
     >>> perm = torch.randperm(8)
     >>> with torch.no_grad():
-    ...     shuffled[0].weight.copy_(net[0].weight[perm]); shuffled[0].bias.copy_(net[0].bias[perm])
-    ...     shuffled[2].weight.copy_(net[2].weight[:, perm])
+    ...     _ = shuffled[0].weight.copy_(net[0].weight[perm]), shuffled[0].bias.copy_(net[0].bias[perm])
+    ...     _ = shuffled[2].weight.copy_(net[2].weight[:, perm])
     >>> data = [torch.randn(64, 4) for _ in range(2)]
     >>> round(unit_correlation(net, net, data, layers=["0"])["0"], 6)
     1.0

@@ -41,6 +41,7 @@ from .validate import method_names
 ALL_METHODS = method_names()  # the registry, tm.methods.METHODS, then "pleas"
 UNCORRECTABLE = ("pleas",)  # may widen layers: the affine correction does not apply
 QUICK_METHODS = ("average", "ties")
+ROUTES = (("route", "weight"), ("route unaligned", None))  # (row label, align)
 FULL_OUT, QUICK_OUT = "torchmerge-demo", "torchmerge-demo/quick"  # a quick run never overwrites a full one
 
 
@@ -62,6 +63,7 @@ class DemoConfig:
     calib_batches: int = 16             # batches of each task's training data for statistics
     seed: int = 0
     dataset: str = "auto"
+    routes: bool = True                 # the routing rows (method="route", aligned and not)
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
@@ -347,6 +349,12 @@ def run(cfg: DemoConfig, plot: bool = True, docs=None, command: str = "torchmerg
             for correction in ("repair", "affine+tune"):
                 rows.append(_row(setting, best, correction, cfg, expert_acc))
                 tick()
+    if cfg.routes:
+        with _progress(4, "routing") as tick:
+            for label, align in ROUTES:
+                for correction in (None, "affine"):
+                    rows.append(_route_row(setting, label, align, correction, cfg, expert_acc))
+                    tick()
     ratios = {}
     if best is not None:  # measured on held-out test images, not the calibration batches
         for correction in (None, "affine"):
@@ -379,6 +387,22 @@ def _row(setting, method, correction, cfg, expert_acc) -> dict:
                      "max_relative_residual": info.get("max_relative_residual"), "tol": info.get("tol")}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+def _route_row(setting, label, align, correction, cfg, expert_acc) -> dict:
+    """``method="route"`` over the CNN's conv and hidden dense layers, routed per sample; window 0
+    (no two of these layers have the same shape, so there is no neighbouring candidate)."""
+    from .pipeline import merge
+
+    t0 = time.perf_counter()
+    blocks = [f"features.{p}" for p, m in setting.experts[0].features.named_children()
+              if isinstance(m, (nn.Conv2d, nn.Linear))]
+    merged = merge(setting.experts, method="route", data=setting.train, blocks=blocks, align=align,
+                   correction=correction, task_names=[t.name for t in setting.tasks],
+                   max_batches=cfg.calib_batches, seed=cfg.seed)
+    compatibility = {k: [round(x, 3) for x in v] for k, v in merged.info["compatibility"].items()}
+    return {"method": label, "correction": str(correction), **evaluate_merged(merged, setting, expert_acc),
+            "compatibility": compatibility, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def site_labels(merged, expert: nn.Module) -> dict:
@@ -460,6 +484,16 @@ def _notes(results: dict, rel_to: Path | None) -> list:
         lines += ["`pleas` has one row (one bar in the plot): it may widen layers, so merged channels no "
                   "longer match an expert's one to one and the affine correction does not apply; its "
                   "layer-wise least squares already fit each expert's outputs.", ""]
+    routed = [r for r in results["rows"] if r["method"].startswith("route") and r["correction"] == "None"]
+    if routed:
+        lines += ["`route` rows: `tm.merge(..., method=\"route\")` (Pari et al. 2024) with a router per task "
+                  "over the four experts' conv and hidden dense layers, per sample, window 0 (this CNN has no "
+                  "two layers of one shape: routing across layers and over transformer MLPs is in the ViT "
+                  "example); `route` weight-aligns first, `route unaligned` does not. Compatibility of the "
+                  "routed layers (mean over layers), expert 0 against experts 1, 2, 3: "
+                  + "; ".join(f"{r['method']}: " + ", ".join(f"{k} {'/'.join(f'{x:.2f}' for x in v)}"
+                                                             for k, v in r["compatibility"].items())
+                              for r in routed) + ".", ""]
     lines += ["Reproducible: the same command with the same seeds, torch build and kernels (same "
               "machine, same thread count) gives this table digit for digit; another CPU or torch "
               "version changes the last digits (floating-point reduction order), not the conclusions."]
