@@ -189,6 +189,20 @@ def test_merge_records_alignment_convergence():
     assert unaligned.info["alignment"] is None
 
 
+def test_merge_passes_alignment_options_and_reports_a_short_run():
+    """alignment={'max_iter': 1} reaches tm.align: the run stops after one sweep, is recorded as
+    unconverged in merged.info and warned about, with the option that lifts it."""
+    model, other, _ = _permuted_pair()
+    full = tm.merge([model, other], method="average", data=_data(), correction=None)
+    assert full.info["alignment"]["iterations"][1] > 1, "one sweep suffices: the test exercises nothing"
+    with pytest.warns(UserWarning, match=r"alignment=\{'max_iter': \.\.\.\}"):
+        short = tm.merge([model, other], method="average", data=_data(), correction=None,
+                         alignment={"max_iter": 1})
+    assert short.info["alignment"]["iterations"] == [0, 1]
+    assert short.info["alignment"]["converged"] == [True, False]
+    assert any("did not converge" in w for w in short.info["warnings"])
+
+
 # ----------------------------------------------------------------------------- PLeaS fallbacks
 
 class _ShapeBranch(nn.Module):

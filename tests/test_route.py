@@ -102,6 +102,17 @@ def test_compatibility_report_sees_alignment():
     assert comp["unit_correlation_aligned"][0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_alignment_options_reach_the_routed_experts_alignment():
+    """alignment={'max_iter': 1} stops weight matching of two independent nets after one sweep:
+    recorded as unconverged (the full run converges)."""
+    experts = [net(0), net(1)]
+    full = route(experts, align="weight", route_steps=0)
+    with pytest.warns(UserWarning, match="max_iter=1"):
+        short = route(experts, align="weight", route_steps=0, alignment={"max_iter": 1})
+    assert full.info["alignment"]["converged"] == [True, True]
+    assert short.info["alignment"]["converged"] == [True, False]
+
+
 def test_unit_correlation_against_plain_formula():
     a, b = net(0), net(1)
     batches = [torch.randn(32, 4) for _ in range(2)]

@@ -90,7 +90,8 @@ def align(reference: nn.Module, other: nn.Module, spec: PermutationSpec, method:
     if not result.converged:
         warnings.warn(f"align(method={method!r}): coordinate ascent stopped at max_iter={max_iter} "
                       "sweeps with permutations still changing (result.converged=False), so they are "
-                      "not a local optimum of the matching objective; raise max_iter", UserWarning,
+                      "not a local optimum of the matching objective; raise max_iter (in tm.merge: "
+                      "alignment={'max_iter': ...})", UserWarning,
                       stacklevel=2)
     return result if return_result else result.perms
 

@@ -30,8 +30,8 @@ BUILDS = validate.BUILDS
 def merge(experts, method: str | None = None, base=None, data=None, *, align="weight",
           correction="affine", heads="auto", sites="layer", example_inputs=None, task_names=None,
           leaf_modules=(), concrete_args=None, max_batches=None, allow_uncorrected=False,
-          calibration=None, build: str = "auto", seed: int = 0, progress: bool | None = None,
-          **method_kwargs) -> MergedModel:
+          calibration=None, alignment=None, build: str = "auto", seed: int = 0,
+          progress: bool | None = None, **method_kwargs) -> MergedModel:
     """Merge ``experts`` into one task-conditioned :class:`MergedModel`.
 
     ``experts``: modules of one architecture (task heads may differ in size). ``base``: None, one
@@ -48,6 +48,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     (the method's own record), ``alignment`` (sweeps and convergence per expert) and ``warnings``
     (every degenerate setting, fallback or unconverged solver, also raised as ``UserWarning``).
     ``calibration``: keyword options of :func:`torchmerge.calibrate` (``passes``, ``tune_steps``...).
+    ``alignment``: options of :func:`torchmerge.align` (``max_iter``, ``probes_per_group``).
     ``heads``: "auto" (the modules feeding the output), a list of module paths, or a predicate ``(path, module) -> bool``.
     ``sites``: "layer", "block", a list of module paths, or a predicate ``(where, module) -> bool``
     (``where``: the fx node in the graph build, the module path in the injected build).
@@ -73,7 +74,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         if base is not None:
             raise TorchMergeError("method='route' routes between the experts themselves: pass base=None")
         return merge_route(experts, data, align=align, heads=heads, task_names=task_names,
-                           correction=correction,
+                           correction=correction, alignment_options=validate.alignment_options(alignment),
                            max_batches=max_batches, seed=seed, example_inputs=example_inputs,
                            **method_kwargs)
     method = _default_method(method, base, data)
@@ -81,7 +82,8 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         experts, method, base, data, align=align, correction=correction, heads=heads, sites=sites,
         example_inputs=example_inputs, task_names=task_names, leaf_modules=leaf_modules,
         concrete_args=concrete_args, max_batches=max_batches, allow_uncorrected=allow_uncorrected,
-        calibration=calibration, build=build, seed=seed, method_kwargs=method_kwargs)
+        calibration=calibration, build=build, seed=seed, method_kwargs=method_kwargs,
+        alignment=alignment)
     reference = experts[0]
     spec = PermutationSpec(groups={}, axes={})  # nothing to align: discovery only when needed
     if align is not None or heads == "auto" or method == "pleas":
@@ -95,7 +97,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         merged, result_info, aligned = _pleas(experts, spec, data, build, max_batches, seed, method_kwargs)
     else:
         merged, result_info, aligned = _aligned_merge(experts, spec, base, data, align, method, build,
-                                                      max_batches, seed, method_kwargs)
+                                                      max_batches, seed, method_kwargs, alignment or {})
     merged = guards.strip_hooks(merged.to(_device_or_cpu(reference)), keep=(SiteHook,))  # not the user's hooks
     alignment = result_info.pop("alignment", None)
     merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,
@@ -147,7 +149,8 @@ class _Build:
             return None
 
 
-def _aligned_merge(experts, spec, base, data, align, method, build, max_batches, seed, method_kwargs):
+def _aligned_merge(experts, spec, base, data, align, method, build, max_batches, seed, method_kwargs,
+                   align_options):
     """Align (permutations), merge the shared weights, build: the path of every method but PLeaS."""
     head_paths = build.head_paths
     bases = _bases(base, len(experts))
@@ -158,7 +161,7 @@ def _aligned_merge(experts, spec, base, data, align, method, build, max_batches,
         # left out of matching, so they may differ in shape
         heads = set(spec.heads) | {p for p, _ in spec.axes if _under(p, head_paths)}
         perms, runs = align_many(experts, spec, bases=bases, method=align, data=align_data, seed=seed,
-                                 exclude=heads, return_results=True)
+                                 exclude=heads, return_results=True, **align_options)
         alignment = {"method": align, "iterations": [r.sweeps if r else 0 for r in runs],
                      "converged": [r.converged if r else True for r in runs]}
     aligned = [_permuted(e, spec, p) for e, p in zip(experts, perms)]

@@ -576,7 +576,7 @@ def _check_options(experts, data, correction, loss, steps, lr, router):
         raise TorchMergeError(f"route_lr={lr!r} is invalid: pass a positive float")
 
 
-def _aligned(experts, example, align, data, heads, seed, max_batches):
+def _aligned(experts, example, align, data, heads, seed, max_batches, options):
     """The experts permuted onto expert 0 with the pipeline's discovery and alignment."""
     from .align import align_many
     from .discover import discover
@@ -585,7 +585,7 @@ def _aligned(experts, example, align, data, heads, seed, max_batches):
     spec = discover(experts[0], example)
     exclude = set(spec.heads) | {p for p, _ in spec.axes if _under(p, heads)}
     perms, runs = align_many(experts, spec, method=align, seed=seed, exclude=exclude, return_results=True,
-                             data=None if align == "weight" else _union(data, max_batches))
+                             data=None if align == "weight" else _union(data, max_batches), **options)
     aligned = [_permuted(e, spec, p) for e, p in zip(experts, perms)]
     return aligned, {"method": align, "converged": [r.converged if r else True for r in runs]}
 
@@ -593,7 +593,7 @@ def _aligned(experts, example, align, data, heads, seed, max_batches):
 def merge_route(experts, data, *, blocks="auto", window: int = 0, top_k=None, router: str = "task", align=None,
                 heads="auto", task_names=None, correction="affine", max_batches=None, seed: int = 0,
                 route_steps: int = 100, route_lr: float = 1e-2, route_loss: str = "mse",
-                example_inputs=None) -> RoutedModel:
+                example_inputs=None, alignment_options=None) -> RoutedModel:
     """``tm.merge(experts, method="route", data=...)``: see the module docstring.
 
     >>> import torch, torchmerge as tm
@@ -617,7 +617,8 @@ def merge_route(experts, data, *, blocks="auto", window: int = 0, top_k=None, ro
     call = first_call(data[0]) if example_inputs is None else example_inputs_of(example_inputs)
     aligned, alignment = list(experts), None
     if align is not None:
-        aligned, alignment = _aligned(experts, call, align, data, head_paths, seed, max_batches)
+        aligned, alignment = _aligned(experts, call, align, data, head_paths, seed, max_batches,
+                                      alignment_options or {})
     compatibility = (compatibility_report(experts, aligned if align else None, data, plan, max_batches)
                      if len(experts) > 1 else None)
     model = build_routed(aligned, plan, head_paths, call, top_k, names, shared=router == "shared")

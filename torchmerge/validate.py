@@ -54,6 +54,8 @@ CALIBRATION_OPTIONS = {
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
     "progress": "True, False or None",
 }
+#: tm.align's tuning options and what each must be (``alignment=`` of tm.merge).
+ALIGNMENT_OPTIONS = {"max_iter": "an int >= 1", "probes_per_group": "an int >= 1"}
 _ENDLESS = (itertools.cycle, itertools.repeat, itertools.count)
 
 
@@ -63,7 +65,7 @@ _ENDLESS = (itertools.cycle, itertools.repeat, itertools.count)
 
 def merge_arguments(experts, method, base, data, *, align, correction, heads, sites, example_inputs,
                     task_names, leaf_modules, concrete_args, max_batches, allow_uncorrected,
-                    calibration, build, seed, method_kwargs):
+                    calibration, build, seed, method_kwargs, alignment=None):
     """Check every argument of ``tm.merge``; return ``(experts, data, example)``: the experts as a
     list, ``data`` with one-shot iterators read into lists, and the (copied) call used to trace."""
     _choice("align", align, ALIGNS, "alignment method")
@@ -82,6 +84,7 @@ def merge_arguments(experts, method, base, data, *, align, correction, heads, si
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentTypeError(f"seed={seed!r} is a {type(seed).__name__}; pass an int")
     calibration_options(calibration)
+    alignment_options(alignment)
     _check_heads_sites(heads, sites)
     experts = check_models(experts, "experts")
     check_method_kwargs(method, method_kwargs, len(experts))
@@ -331,22 +334,39 @@ def _dry_run(method, kwargs, num_tasks) -> None:
 
 def calibration_options(options) -> dict:
     """``tm.merge``'s ``calibration=``: a dict of :func:`tm.calibrate` options (checked)."""
+    own = {"mode": "correction=", "max_batches": "max_batches=", "allow_uncorrected": "allow_uncorrected="}
+    options = _option_dict("calibration", options, CALIBRATION_OPTIONS, own, "{'passes': 3}")
+    check_calibration_values(options)
+    return options
+
+
+def alignment_options(options) -> dict:
+    """``tm.merge``'s ``alignment=``: a dict of :func:`tm.align` options (checked)."""
+    own = {"method": "align=", "seed": "seed=", "max_batches": "max_batches=", "exclude": "heads=",
+           "data": "data=", "progress": "progress="}
+    options = _option_dict("alignment", options, ALIGNMENT_OPTIONS, own, "{'max_iter': 300}")
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            kind = ArgumentError if isinstance(value, int) and not isinstance(value, bool) else ArgumentTypeError
+            raise kind(f"alignment option {key}={value!r} is invalid: {key} must be {ALIGNMENT_OPTIONS[key]}")
+    return options
+
+
+def _option_dict(name: str, options, valid: Mapping, own: Mapping, example: str) -> dict:
+    """A dict of options named in ``valid``; keys that tm.merge takes itself (``own``) are refused."""
     if options is None:
         return {}
     if not isinstance(options, Mapping):
-        raise ArgumentTypeError(f"calibration is a {type(options).__name__}; pass a dict of tm.calibrate "
-                                f"options, e.g. calibration={{'passes': 3}}; valid keys: "
-                                f"{', '.join(CALIBRATION_OPTIONS)}")
-    own = {"mode": "correction=", "max_batches": "max_batches=", "allow_uncorrected": "allow_uncorrected="}
+        raise ArgumentTypeError(f"{name} is a {type(options).__name__}; pass a dict of options, e.g. "
+                                f"{name}={example}; valid keys: {', '.join(valid)}")
     for key in options:
         if key in own:
-            raise ArgumentError(f"calibration={{{key!r}: ...}}: pass {own[key]} to tm.merge itself")
-        if key not in CALIBRATION_OPTIONS:
-            close = difflib.get_close_matches(str(key), CALIBRATION_OPTIONS, n=1)
-            raise ArgumentError(f"unknown calibration option {key!r}"
+            raise ArgumentError(f"{name}={{{key!r}: ...}}: pass {own[key]} to tm.merge itself")
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            raise ArgumentError(f"unknown {name} option {key!r}"
                                 + (f" (did you mean {close[0]!r}?)" if close else "")
-                                + f"; valid keys: {', '.join(CALIBRATION_OPTIONS)}")
-    check_calibration_values(options)
+                                + f"; valid keys: {', '.join(valid)}")
     return dict(options)
 
 
@@ -620,5 +640,5 @@ def _eval(model: nn.Module):
 
 
 __all__ = ["merge_arguments", "calibrate_arguments", "check_models", "check_data", "check_batches_fit",
-           "check_method_kwargs", "calibration_options", "check_calibration_values", "check_task_names",
+           "check_method_kwargs", "calibration_options", "alignment_options", "check_calibration_values", "check_task_names",
            "check_leaf_modules", "check_max_batches", "CALIBRATION_OPTIONS"]
