@@ -48,7 +48,7 @@ from .errors import TorchMergeError
 from .module_sites import first_tensor
 from .modules import TaskAffine
 from .progress import bar, stage, using
-from .stats import Moments, _dist_ready, _mode, _progress
+from .stats import Moments, _dist_ready, _mode, _progress, shared_moments
 from .trace import trace
 from .tree import device_of as _device
 
@@ -249,7 +249,7 @@ def _call(model, inputs: Inputs, **extra):
 def expert_moments(merged, expert: nn.Module, batches, max_batches=None, progress=None) -> dict:
     """``{site: Moments}`` of ``expert`` where each site of ``merged`` sits (fx node or module)."""
     sites = merged.sites()
-    stats = {name: Moments() for name in sites}
+    stats = shared_moments(sites)
     device = _device(expert)
     on_site = lambda name, x: stats[name].update(x, sites[name].channel_axis)  # noqa: E731
     with observing(merged, expert, _first_input(batches, device), on_site) as model, _mode([model], False):
@@ -266,7 +266,7 @@ def merged_moments(merged, task, batches, *, where: str = "input", on_batch=None
     forward: progressive fitting uses it to refresh the site's affine from the running estimate.
     """
     sites = merged.sites()
-    stats = {name: Moments() for name in sites}
+    stats = shared_moments(sites)
     maps = {}  # sites that ran fused with their norm: stats are of the norm's input, and its map
 
     def hook(name, site, x, norm_map=None):
@@ -381,8 +381,7 @@ def _paired_pass(merged, expert, batches, t, max_batches, eps, progress):
     Returns cumulative (expert, merged pre-affine) moments. Equal models give the identity.
     A module called several times per forward (injected build) pairs its calls in order."""
     sites = merged.sites()
-    target = {name: Moments() for name in sites}
-    mine = {name: Moments() for name in sites}
+    target, mine = shared_moments(sites), shared_moments(sites)
     maps = {}  # sites run fused with their norm: ``mine`` holds the norm's input (see _on_affine_input)
     batch_target = {name: [] for name in sites}  # this batch's expert moments, one per call
 

@@ -47,19 +47,19 @@ def _fingerprint(expert, spec, perms):
         moved = (index != torch.arange(len(index))).nonzero().squeeze(1)[:32]
         if not len(moved):
             continue
-        sums = _channel_sums(own[name], axis)
-        aligned = sums[index]
-        if not torch.allclose(aligned[moved], sums[moved], rtol=1e-4, atol=1e-8):
-            return {"param": name, "axis": axis, "positions": moved.tolist(),
-                    "values": aligned[moved].tolist()}
+        aligned = _channel_sums(own[name], axis, index[moved])
+        if not torch.allclose(aligned, _channel_sums(own[name], axis, moved), rtol=1e-4, atol=1e-8):
+            return {"param": name, "axis": axis, "positions": moved.tolist(), "values": aligned.tolist()}
         tries += 1  # not telling: these channels look alike
         if tries == 8:
             break
     return None
 
 
-def _channel_sums(t: torch.Tensor, axis: int) -> torch.Tensor:
-    return t.detach().movedim(axis, 0).reshape(t.shape[axis], -1).sum(1, dtype=torch.float64).cpu()
+def _channel_sums(t: torch.Tensor, axis: int, channels: torch.Tensor) -> torch.Tensor:
+    """float64 sums of ``t``'s slices ``channels`` along ``axis`` (only those: weights are large)."""
+    picked = t.detach().index_select(axis, channels.to(t.device)).movedim(axis, 0)
+    return picked.reshape(len(channels), -1).sum(1, dtype=torch.float64).cpu()
 
 
 def in_merged_order(merged, experts) -> tuple:
@@ -97,10 +97,12 @@ def _matches(expert, fp, index) -> bool:
     t = tensors(expert).get(fp["param"])
     if t is None:
         return False
-    sums = _channel_sums(t, fp["axis"])
+    positions = torch.tensor(fp["positions"])
     if index is not None:
-        sums = sums[index]
-    got = sums[torch.tensor(fp["positions"])]
+        positions = index[positions]
+    if t.dim() <= fp["axis"] or int(positions.max()) >= t.shape[fp["axis"]]:
+        return False
+    got = _channel_sums(t, fp["axis"], positions)
     want = torch.tensor(fp["values"], dtype=torch.float64)
     return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()) + 1e-12))
 

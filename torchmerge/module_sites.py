@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -175,18 +176,20 @@ def _block_axis(path: str, x: torch.Tensor, layouts: dict) -> int:
 
 
 def _probe(model: nn.Module, paths: list, example: Inputs):
-    """One forward of ``example``: ``({path: first output tensor}, {layer path: norm path})`` where
-    the norm's input is the very tensor the layer returned."""
-    outputs, produced, consumers, alive = {}, {}, {}, []
+    """One forward of ``example``: ``({path: first output tensor, on the meta device}, {layer
+    path: norm path})`` where the norm's input is the very tensor the layer returned. Only shapes
+    and dtypes are kept: holding every output would hold a whole forward's activations."""
+    outputs, produced, consumers, forget = {}, {}, {}, []
 
     def after(path, is_norm):
         def hook(module, args, out):
             x = first_tensor(out)
             if x is not None:
-                outputs.setdefault(path, x)
+                outputs.setdefault(path, torch.empty(x.shape, dtype=x.dtype, device="meta"))
                 if not is_norm:
                     produced[id(x)] = path
-                    alive.append(x)  # keep it alive: ids stay unique during the probe
+                    # a freed output's id may be reused by a later tensor: drop it when freed
+                    forget.append(weakref.finalize(x, produced.pop, id(x), None))
         return hook
 
     def before(path):
@@ -215,6 +218,8 @@ def _probe(model: nn.Module, paths: list, example: Inputs):
     finally:
         for h in handles:
             h.remove()
+        for f in forget:
+            f.detach()
     return outputs, consumers
 
 

@@ -434,6 +434,19 @@ class Moments(_Streaming):
         return f"Moments(count={self._n + self._pending[0]}, channels={c})"
 
 
+def shared_moments(names) -> dict:
+    """One :class:`Moments` per name, sharing one work buffer: sites of one forward update one at
+    a time, and a buffer per site would hold a whole forward's activations.
+
+    >>> stats = shared_moments(["a", "b"])
+    >>> _ = stats["a"].update(torch.full((4, 2), 3.0)), stats["b"].update(torch.arange(12.0).view(4, 3))
+    >>> stats["a"].mean.tolist(), stats["b"].mean.tolist()
+    ([3.0, 3.0], [4.5, 5.5, 6.5])
+    """
+    scratch = _Scratch()
+    return {name: Moments(scratch) for name in names}
+
+
 class Gram(_Streaming):
     """Streaming channel × channel second moments of one stream, or of two aligned ones (``cross``).
 
