@@ -263,11 +263,9 @@ class _Matcher:
             i += 1
         return wave, i
 
-    def update(self, g: str, perms: dict, scores=None, new=None) -> bool:
-        """Seat group g at its best assignment (``scores``/``new``: already computed); True if it moved."""
-        scores = self.score(g, perms) if scores is None else scores
+    def update(self, g: str, perms: dict, scores: torch.Tensor, new: torch.Tensor) -> bool:
+        """Seat group g at ``new``, the best assignment for its ``scores``, if that gains; True if it moved."""
         old = perms[g]
-        new = _lap(scores) if new is None else new
         rows = torch.arange(len(old))
         gain = (scores[rows, new.to(scores.device)].sum() - scores[rows, old.to(scores.device)].sum()).item()
         if gain <= 1e-12 or torch.equal(new, old):

@@ -68,13 +68,14 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     >>> merged.info["method"], merged.info["alignment"]["converged"], merged.info["warnings"]
     ('regmean', [True, True], [])
     """
+    align_options = validate.alignment_options(alignment)
     if method == "route":  # routers over the experts' frozen blocks: its own build (torchmerge/route.py)
         from .route import merge_route
 
         if base is not None:
             raise TorchMergeError("method='route' routes between the experts themselves: pass base=None")
         return merge_route(experts, data, align=align, heads=heads, task_names=task_names,
-                           correction=correction, alignment_options=validate.alignment_options(alignment),
+                           correction=correction, alignment_options=align_options,
                            max_batches=max_batches, seed=seed, example_inputs=example_inputs,
                            **method_kwargs)
     method = _default_method(method, base, data)
@@ -82,8 +83,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         experts, method, base, data, align=align, correction=correction, heads=heads, sites=sites,
         example_inputs=example_inputs, task_names=task_names, leaf_modules=leaf_modules,
         concrete_args=concrete_args, max_batches=max_batches, allow_uncorrected=allow_uncorrected,
-        calibration=calibration, build=build, seed=seed, method_kwargs=method_kwargs,
-        alignment=alignment)
+        calibration=calibration, build=build, seed=seed, method_kwargs=method_kwargs)
     reference = experts[0]
     spec = PermutationSpec(groups={}, axes={})  # nothing to align: discovery only when needed
     if align is not None or heads == "auto" or method == "pleas":
@@ -97,7 +97,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         merged, result_info, aligned = _pleas(experts, spec, data, build, max_batches, seed, method_kwargs)
     else:
         merged, result_info, aligned = _aligned_merge(experts, spec, base, data, align, method, build,
-                                                      max_batches, seed, method_kwargs, alignment or {})
+                                                      max_batches, seed, method_kwargs, align_options)
     merged = guards.strip_hooks(merged.to(_device_or_cpu(reference)), keep=(SiteHook,))  # not the user's hooks
     alignment = result_info.pop("alignment", None)
     merged.info = {"method": method, "align": align, "correction": correction, "spec": spec,

@@ -662,9 +662,8 @@ def collect(model: nn.Module, targets: Any, batches: Iterable[Any], stat: Any = 
     """
     modules, make = _resolve_targets(model, targets), _factory(stat)
     _check_axis_keys(channel_axis, modules)
-    if make is Moments:  # sites run one at a time: one shared work buffer, not one per site
-        make = (lambda scratch: lambda: Moments(scratch))(_Scratch())
-    stats = {name: make() for name in modules}
+    # Moments of sites that run one at a time share one work buffer
+    stats = shared_moments(modules) if make is Moments else {name: make() for name in modules}
 
     def hook(name: str, module: nn.Module, x: torch.Tensor) -> None:
         stats[name].update(x, _axis_for(name, module, x, channel_axis))

@@ -65,7 +65,7 @@ _ENDLESS = (itertools.cycle, itertools.repeat, itertools.count)
 
 def merge_arguments(experts, method, base, data, *, align, correction, heads, sites, example_inputs,
                     task_names, leaf_modules, concrete_args, max_batches, allow_uncorrected,
-                    calibration, build, seed, method_kwargs, alignment=None):
+                    calibration, build, seed, method_kwargs):
     """Check every argument of ``tm.merge``; return ``(experts, data, example)``: the experts as a
     list, ``data`` with one-shot iterators read into lists, and the (copied) call used to trace."""
     _choice("align", align, ALIGNS, "alignment method")
@@ -84,7 +84,6 @@ def merge_arguments(experts, method, base, data, *, align, correction, heads, si
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentTypeError(f"seed={seed!r} is a {type(seed).__name__}; pass an int")
     calibration_options(calibration)
-    alignment_options(alignment)
     _check_heads_sites(heads, sites)
     experts = check_models(experts, "experts")
     check_method_kwargs(method, method_kwargs, len(experts))
@@ -640,5 +639,6 @@ def _eval(model: nn.Module):
 
 
 __all__ = ["merge_arguments", "calibrate_arguments", "check_models", "check_data", "check_batches_fit",
-           "check_method_kwargs", "calibration_options", "alignment_options", "check_calibration_values", "check_task_names",
+           "check_method_kwargs", "calibration_options", "alignment_options", "check_calibration_values",
+           "check_task_names",
            "check_leaf_modules", "check_max_batches", "CALIBRATION_OPTIONS"]
