@@ -69,6 +69,13 @@ class Inputs:
         b = self.batch_size
         return self.map(lambda t: t.index_select(0, index.to(t.device)) if t.dim() and t.shape[0] == b else t)
 
+    def first(self, n: int = 2) -> "Inputs":
+        """The first ``n`` samples (this call if it has no more): tracing and verification run
+        their input a few times, and a whole batch would cost a whole forward each time. Two, not
+        one: a size-1 batch axis can be specialised away by ``torch.export``."""
+        b = self.batch_size
+        return self.rows(torch.arange(n)) if b is not None and b > n else self
+
     def check_fits(self, model: nn.Module, what: str = "inputs") -> None:
         """Raise a :class:`ShapeError` listing ``model.forward``'s parameters if these do not bind."""
         try:

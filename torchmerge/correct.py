@@ -217,10 +217,10 @@ def observed_expert(merged, expert: nn.Module, example: Inputs, on_site) -> fx.G
 def _trace_small(expert, example: Inputs, options) -> fx.GraphModule:
     """``trace`` on the batch's first two samples: tracing runs its input once (to record shapes),
     and a whole batch would cost one more forward per task. The whole batch if that fails."""
-    b = example.batch_size
-    if b is not None and b > 2:
+    small = example.first(2)
+    if small is not example:
         try:
-            return trace(expert, example.rows(torch.arange(2)).args, **options)
+            return trace(expert, small.args, **options)
         except TorchMergeError:
             pass
     return trace(expert, example.args, **options)

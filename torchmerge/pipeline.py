@@ -87,8 +87,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     reference = experts[0]
     spec = PermutationSpec(groups={}, axes={})  # nothing to align: discovery only when needed
     if align is not None or heads == "auto" or method == "pleas":
-        spec = discover(reference, example, leaf_modules=leaf_modules,
-                        concrete_args=concrete_args)
+        spec = _discover(reference, example, leaf_modules, concrete_args)
     head_paths = head_modules(reference, spec, heads)
     names = task_names or [f"task{i}" for i in range(len(experts))]
     build = _Build(build, example, sites, head_paths, names, leaf_modules, concrete_args)
@@ -109,6 +108,19 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
         fit_affines(merged, aligned, data, mode=correction, max_batches=max_batches,
                     allow_uncorrected=allow_uncorrected, **(calibration or {}))
     return merged
+
+
+def _discover(reference, example, leaf_modules, concrete_args):
+    """``discover`` on the example's first two samples (capture and verification run their input
+    several times: a whole batch costs that many whole forwards); the whole example if that fails,
+    so an error is always about the user's call."""
+    small = example.first(2)
+    if small is not example:
+        try:
+            return discover(reference, small, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        except TorchMergeError:
+            pass
+    return discover(reference, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
 class _Build:
