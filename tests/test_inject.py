@@ -489,3 +489,28 @@ def test_causal_lm_generates_like_the_expert(kind):
         assert type(exported) is type(expert)
         assert not any(isinstance(m, tm.ChannelAffine) for m in exported.modules())
         assert torch.allclose(exported(prompt).logits, merged(prompt, task=0).logits, atol=1e-4)
+
+
+def test_pleas_on_gpt2_fits_its_conv1d_layers_widens_and_keeps_the_embedding_merged():
+    transformers = pytest.importorskip("transformers")
+    experts = []
+    for seed in (0, 1):  # two independent inits: nothing matches exactly
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+        experts.append(transformers.GPT2LMHeadModel(config).eval())
+    gen = torch.Generator().manual_seed(0)
+    data = [[{"input_ids": torch.randint(0, 50, (4, 8), generator=gen)} for _ in range(2)] for _ in range(2)]
+    merged = tm.merge(experts, method="pleas", data=data, heads=["lm_head"], correction=None, width=1.5)
+    info = merged.info["merge_info"]
+    assert {"transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn", "lm_head"} <= set(info["fitted"])
+    mlp = merged.transformer.h[0].mlp.c_fc
+    assert mlp.nf == mlp.weight.shape[1] > 64  # the MLP widened (4·16 units per expert)
+    group = next(g for g, s in info["sources"].items() if s.shape[1] == 16)  # the residual stream
+    src = info["sources"][group]
+    want = (experts[0].transformer.wte.weight[:, src[0]] + experts[1].transformer.wte.weight[:, src[1]]) / 2
+    assert torch.allclose(merged.transformer.wte.weight, want, atol=1e-6)  # the body merge, not a head fit
+    x = data[0][0]["input_ids"]
+    with torch.no_grad():
+        for t in range(2):
+            logits = merged(x, task=t).logits
+            assert logits.shape == (4, 8, 50) and torch.isfinite(logits).all()

@@ -320,3 +320,75 @@ def test_bad_inputs(kwargs, match):
     experts, spec, data = args.pop("experts"), args.pop("spec"), args.pop("data")
     with pytest.raises(TorchMergeError, match=match):
         pleas(experts, spec, data, **args)
+
+
+# ----------------------------------------------------------------------------- Hugging Face layers
+def _conv1d_twin(linear_net):
+    """The MLP with every Linear replaced by Hugging Face's Conv1D (weight stored [in, out])."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    layers = []
+    for m in linear_net:
+        if isinstance(m, nn.Linear):
+            c = Conv1D(m.out_features, m.in_features)
+            with torch.no_grad():
+                c.weight.copy_(m.weight.T)
+                c.bias.copy_(m.bias)
+            m = c
+        layers.append(m)
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("width", [1.0, 1.5])
+def test_hf_conv1d_layers_are_fitted_like_the_same_linear_layers(width):
+    linear = [mlp(1), mlp(2)]
+    conv1d = [_conv1d_twin(e) for e in linear]
+    data = task_data(2, (48, 6), batches=3)
+    results = [pleas(experts, tm.discover(experts[0], torch.randn(2, 6)), data, width=width)
+               for experts in (linear, conv1d)]
+    assert results[1].info["fitted"] == ["0", "2", "4"] and results[1].info["not_fitted"] == {}
+    assert sorted(results[1].widths.values()) == sorted(results[0].widths.values())  # groups: named by axis
+    for lin, c1 in zip(results[0].model, results[1].model):
+        if isinstance(lin, nn.Linear):
+            assert c1.nf == lin.out_features  # widened: Conv1D's forward reshapes with nf
+            assert torch.allclose(c1.weight.T, lin.weight, atol=1e-5)
+            assert torch.allclose(c1.bias, lin.bias, atol=1e-5)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.allclose(with_head(results[1], 1)(x), with_head(results[0], 1)(x), atol=1e-5)
+
+
+class TiedLM(nn.Module):
+    """Embedding → Linear → ReLU → output head tied to the embedding (as GPT-2's lm_head)."""
+
+    def __init__(self, seed, vocab=11, width=8):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.body = nn.Embedding(vocab, width), nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.emb(ids))))
+
+
+def test_a_head_tied_to_the_embedding_is_untied_and_the_embedding_merged_as_body():
+    experts = [TiedLM(1).eval(), TiedLM(2).eval()]
+    before = [state(e) for e in experts]
+    g = torch.Generator().manual_seed(0)
+    data = [[torch.randint(0, 11, (16, 5), generator=g) for _ in range(3)] for _ in range(2)]
+    spec = tm.discover(experts[0], data[0][0])
+    res = pleas(experts, spec, data, heads=["head.weight"])
+    group = spec.axes[("emb.weight", 1)][1]
+    src = res.sources[group]
+    want = (experts[0].emb.weight[:, src[0]] + experts[1].emb.weight[:, src[1]]) / 2
+    assert torch.allclose(res.model.emb.weight, want, atol=1e-6)  # not the fitted head
+    assert res.model.head.weight is not res.model.emb.weight and "head" in res.info["fitted"]
+    assert all(torch.equal(a, b) for e, s in zip(experts, before) for a, b in zip(e.state_dict().values(), s.values()))
+    for t in range(2):  # each task's head: least squares on the merged features, against expert t
+        x = torch.cat(data[t])
+        with torch.no_grad():
+            X = torch.relu(res.model.body(res.model.emb(x))).reshape(-1, 8).double()
+            Y = experts[t](x).reshape(-1, 11).double()
+        lam = 1e-5 * X.square().mean(0).mean()
+        sol = torch.linalg.solve(X.T @ X / len(X) + lam * torch.eye(8, dtype=X.dtype), X.T @ Y / len(X))
+        assert torch.allclose(res.heads[t]["head.weight"].double(), sol.T, atol=1e-4)

@@ -57,7 +57,7 @@ MODES = ("affine", "repair", "affine+tune")
 
 def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
               allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
-              tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
+              tune_steps: int = 100, tune_lr: float = 1e-2, tune_loss: str = "kl",
               tune_heads: bool = False, progress: bool | None = None) -> dict:
     """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
 
@@ -82,7 +82,7 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
 
 def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None,
                 allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
-                tune_steps: int = 100, tune_lr: float = 1e-3, tune_loss: str = "kl",
+                tune_steps: int = 100, tune_lr: float = 1e-2, tune_loss: str = "kl",
                 tune_heads: bool = False, progress: bool | None = None) -> dict:
     """:func:`calibrate` on checked arguments and aligned experts (what ``tm.merge`` calls)."""
     with using(progress):
@@ -466,7 +466,7 @@ class _Interleaved:
 # affine+tune: distil the expert into the task's affine rows
 
 
-def tune(merged, expert, batches, task, *, steps=100, lr=1e-3, loss="kl", heads=False,
+def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=False,
          max_batches=None) -> float:
     """Adam steps on task ``task``'s affine rows (and head) distilling ``expert``'s outputs.
 

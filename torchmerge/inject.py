@@ -334,7 +334,8 @@ def _forward_of(cls: type):
 
 
 def build_injected(template: nn.Module, state: dict, heads_per_task: list, head_paths, sites,
-                   example_inputs, task_names, task_weights=None, experts=None) -> InjectedModel:
+                   example_inputs, task_names, task_weights=None, experts=None,
+                   attributes_of=None) -> InjectedModel:
     """The merged model as a copy of ``template`` (the reference expert) with task modules.
 
     ``state``: the merged non-head tensors (every one must be there). ``heads_per_task[t]`` maps
@@ -343,7 +344,10 @@ def build_injected(template: nn.Module, state: dict, heads_per_task: list, head_
     once to find the site modules' output shapes. ``task_weights``: TALL
     :class:`~torchmerge.task_weights.TaskWeights` or None. ``experts``: one model per task whose
     plain attributes that differ from ``template``'s (``num_labels``, ``config.id2label``, ...)
-    are switched with the task. ``template`` and the experts are not modified.
+    are switched with the task. ``attributes_of``: the model those attributes are compared with
+    (default ``template``; PLeaS passes the reference expert, since its widened template differs
+    from every expert in sizes such as ``Conv1D.nf`` that must not switch back).
+    ``template`` and the experts are not modified.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -356,7 +360,8 @@ def build_injected(template: nn.Module, state: dict, heads_per_task: list, head_
     _check_names(model)
     _load_merged(model, state, head_paths)
     chosen = select_module_sites(model, sites, head_paths, example_inputs_of(example_inputs))
-    attrs = task_attributes(template, experts, head_paths) if experts else [{} for _ in heads_per_task]
+    reference = template if attributes_of is None else attributes_of
+    attrs = task_attributes(reference, experts, head_paths) if experts else [{} for _ in heads_per_task]
     return _assemble(model, heads_per_task, head_paths, chosen, task_names, task_weights, attrs)
 
 

@@ -49,7 +49,7 @@ from .manifest import (FORMAT_VERSION, MANIFEST, WEIGHTS, decode, dumps, manifes
 from .merged import GraphMergedModel, MergedModel
 from .rewrite import build_graph, is_hf_conv1d
 from .task_weights import TaskWeights
-from .tree import submodule as _submodule, under as _under
+from .tree import fit_sizes, submodule as _submodule, under as _under
 from .tree import device_of
 
 _FX_CONSTANT = re.compile(r"_tensor_constant\d+$")  # a tensor fx found in the forward's code
@@ -335,32 +335,8 @@ def conform(module: nn.Module, tensors: dict) -> nn.Module:
                 else:
                     table[leaf] = fresh
     for m in module.modules():
-        _fit_sizes(m)
+        fit_sizes(m)
     return module
-
-
-def _fit_sizes(m: nn.Module) -> None:
-    w = getattr(m, "weight", None)
-    w = w if isinstance(w, torch.Tensor) else None
-    if isinstance(m, nn.Linear) and w is not None:
-        m.out_features, m.in_features = w.shape
-    elif isinstance(m, nn.modules.conv._ConvNd) and w is not None:
-        outer, inner = (w.shape[1] * m.groups, w.shape[0]) if m.transposed else (w.shape[0], w.shape[1] * m.groups)
-        m.out_channels, m.in_channels = outer, inner
-    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        ref = w if w is not None else getattr(m, "running_mean", None)
-        if ref is not None:
-            m.num_features = ref.shape[0]
-    elif isinstance(m, nn.LayerNorm) and w is not None:
-        m.normalized_shape = tuple(w.shape)
-    elif isinstance(m, nn.GroupNorm) and w is not None:
-        m.num_channels = w.shape[0]
-    elif isinstance(m, nn.Embedding) and w is not None:
-        m.num_embeddings, m.embedding_dim = w.shape
-    elif is_hf_conv1d(m):
-        m.nf = w.shape[1]
-        if hasattr(m, "nx"):
-            m.nx = w.shape[0]
 
 
 def _task_heads(template: nn.Module, tensors: dict, prefix: str, manifest: dict) -> list:

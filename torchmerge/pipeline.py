@@ -20,14 +20,14 @@ from .rewrite import build_graph, head_modules
 from .spec import PermutationSpec, permute
 from .stats import layer_input_grams
 from .task_weights import TaskWeights
-from .tree import device_of, under as _under
+from .tree import device_of, fit_sizes, under as _under
 
 CORRECTIONS = validate.CORRECTIONS
 BUILDS = validate.BUILDS
 
 
 @scoped
-def merge(experts, method: str | None = None, base=None, data=None, *, align="weight",
+def merge(experts, method: str | None = None, base=None, data=None, *, align="auto",
           correction="affine", heads="auto", sites="layer", example_inputs=None, task_names=None,
           leaf_modules=(), concrete_args=None, max_batches=None, allow_uncorrected=False,
           calibration=None, alignment=None, build: str = "auto", seed: int = 0,
@@ -38,7 +38,9 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     module, or one module per expert (non-local: the init each expert descends from; the bases are
     aligned and the experts follow their base's permutation). ``data``: one iterable of batches
     per task (tensors, ``(x, y)`` tuples or dicts), used by activation alignment, data-driven
-    methods and the correction. ``align``: "weight", "activation" or None. ``correction``:
+    methods and the correction. ``align``: "weight", "activation", None, or "auto" (default:
+    activation matching for transformers — experts with attention modules — when there is data,
+    weight matching otherwise; see docs/results.md for why). ``correction``:
     "affine" (task-wise, Sharma et al. 2024), "repair" (one shared affine), "affine+tune", or None.
     ``method``: a key of ``tm.methods.METHODS`` or ``"pleas"`` (which matches units itself, so
     ``align`` is not used, and needs ``correction=None``); None (default): ``"task_arithmetic"``
@@ -69,6 +71,7 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="we
     ('regmean', [True, True], [])
     """
     align_options = validate.alignment_options(alignment)
+    align = _resolved_align(align, experts, data)
     if method == "route":  # routers over the experts' frozen blocks: its own build (torchmerge/route.py)
         from .route import merge_route
 
@@ -131,7 +134,8 @@ class _Build:
         self.task_names, self.leaf_modules, self.concrete_args = task_names, leaf_modules, concrete_args
         self.used = None
 
-    def __call__(self, template, state, heads_per_task, weights=None, experts=None) -> MergedModel:
+    def __call__(self, template, state, heads_per_task, weights=None, experts=None,
+                 attributes_of=None) -> MergedModel:
         body = self._graph(template, state, heads_per_task)
         if body is not None:
             merged = GraphMergedModel(body, self.task_names, weights)
@@ -140,7 +144,7 @@ class _Build:
             return merged
         self.used = "inject"
         return build_injected(template, state, heads_per_task, self.head_paths, self.sites, self.example,
-                              self.task_names, weights, experts)
+                              self.task_names, weights, experts, attributes_of)
 
     def _graph(self, template, state, heads_per_task):
         """The fx body, or None where the injected build is to be used."""
@@ -189,6 +193,24 @@ def _aligned_merge(experts, spec, base, data, align, method, build, max_batches,
     return merged, {**result.info, "perms": perms, "alignment": alignment}, aligned
 
 
+def _resolved_align(align, experts, data):
+    """``align="auto"``: activation matching for transformers when there is data — it beat weight
+    matching on every transformer measured (HF ViT and GPT-2 experts from two pretrainings, with
+    and without the correction: docs/results.md) —, weight matching otherwise (CNNs: the demo)."""
+    if align != "auto":
+        return align
+    models = experts if isinstance(experts, (list, tuple)) else []
+    transformer = bool(models) and isinstance(models[0], nn.Module) and _has_attention(models[0])
+    return "activation" if transformer and data is not None else "weight"
+
+
+def _has_attention(model: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` or a module class named ``*Attention`` (the Hugging Face, timm
+    and torchvision convention: BertSelfAttention, GPT2Attention, LlamaAttention, ...)."""
+    return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+               for m in model.modules())
+
+
 def _default_method(method, base, data):
     """``method=None``: task arithmetic around a base; without a base (task vectors would sum to
     zero, making every task-vector method an average) RegMean when there is data, else the average."""
@@ -215,12 +237,14 @@ def _permuted(model: nn.Module, spec, perms) -> nn.Module:
 def _pleas(experts, spec, data, build, max_batches, seed, method_kwargs):
     """PLeaS matches units itself (partial, possibly wider) and fits layers by least squares."""
     head_paths = build.head_paths
-    head_params = [n for n, _ in experts[0].named_parameters() if _under(n, head_paths)]
+    head_params = [n for n, _ in experts[0].named_parameters(remove_duplicate=False)  # tied heads too
+                   if _under(n, head_paths)]
     result = merge_methods.pleas(experts, spec, data, heads=head_params, max_batches=max_batches,
                                  seed=seed, **method_kwargs)
     heads_per_task = [{p: _with_tensors(result.model.get_submodule(p), p, state) for p in head_paths}
                       for state in result.heads]
-    merged = build(result.model, _shared_state(result.model, head_paths), heads_per_task, None, experts)
+    merged = build(result.model, _shared_state(result.model, head_paths), heads_per_task, None, experts,
+                   attributes_of=experts[0])
     return merged, {**result.info, "widths": result.widths, "sources": result.sources}, None
 
 
@@ -232,8 +256,7 @@ def _with_tensors(module: nn.Module, path: str, state: dict) -> nn.Module:
             leaf = name[len(path) + 1:]
             owner = out.get_submodule(leaf.rpartition(".")[0]) if "." in leaf else out
             setattr(owner, leaf.rpartition(".")[2], nn.Parameter(value.detach().clone()))
-    if isinstance(out, nn.Linear):
-        out.out_features, out.in_features = out.weight.shape
+    fit_sizes(out)  # nn.Linear's out_features, Conv1D's nf, ... follow the task's shapes
     return out
 
 

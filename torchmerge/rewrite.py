@@ -25,7 +25,7 @@ from .coupling import Walker
 from .layout import channel_axis as layout_channel_axis
 from .trace import module_path, trace
 from .guards import strip_hooks
-from .tree import shares_params as _shares_params, submodule as _submodule, under as _under
+from .tree import is_hf_conv1d, shares_params as _shares_params, submodule as _submodule, under as _under
 
 LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -308,13 +308,6 @@ def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
             layer.bias.mul_(scale).add_(shift)
             return True
     return False
-
-
-def is_hf_conv1d(module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a Linear with a transposed ``[in, out]`` weight."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
-        and getattr(module, "bias", None) is not None and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 2
 
 
 def _fold_bias(layer, scale, shift, channels) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 from torch import nn
 
 
@@ -38,3 +39,37 @@ def shares_params(model: nn.Module, module: nn.Module | None) -> bool:
     mine = {id(p) for p in module.parameters()}
     owners = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine]
     return len(owners) > len(mine)
+
+
+def fit_sizes(m: nn.Module) -> None:
+    """Set ``m``'s size attributes (``out_features``, ``out_channels``, ``num_features``,
+    ``normalized_shape``, Conv1D's ``nf``, ...) from its tensors, after they changed shape (a
+    widened or loaded layer): forwards that read them (Conv1D reshapes with ``nf``) stay right."""
+    w = getattr(m, "weight", None)
+    w = w if isinstance(w, torch.Tensor) else None
+    if isinstance(m, nn.Linear) and w is not None:
+        m.out_features, m.in_features = w.shape
+    elif isinstance(m, nn.modules.conv._ConvNd) and w is not None:
+        outer, inner = (w.shape[1] * m.groups, w.shape[0]) if m.transposed else (w.shape[0], w.shape[1] * m.groups)
+        m.out_channels, m.in_channels = outer, inner
+    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        ref = w if w is not None else getattr(m, "running_mean", None)
+        if ref is not None:
+            m.num_features = ref.shape[0]
+    elif isinstance(m, nn.LayerNorm) and w is not None:
+        m.normalized_shape = tuple(w.shape)
+    elif isinstance(m, nn.GroupNorm) and w is not None:
+        m.num_channels = w.shape[0]
+    elif isinstance(m, nn.Embedding) and w is not None:
+        m.num_embeddings, m.embedding_dim = w.shape
+    elif is_hf_conv1d(m):
+        m.nf = w.shape[1]
+        if hasattr(m, "nx"):
+            m.nx = w.shape[0]
+
+
+def is_hf_conv1d(module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear with a transposed ``[in, out]`` weight."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
+        and getattr(module, "bias", None) is not None and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2

@@ -44,7 +44,7 @@ from .guards import in_merged_order, tensors as _tensors
 from .progress import using
 from .tree import device_of as _device
 
-ALIGNS = (None, "weight", "activation")
+ALIGNS = (None, "auto", "weight", "activation")
 CORRECTIONS = (None, "affine", "repair", "affine+tune")
 BUILDS = ("auto", "graph", "inject")
 DATA_METHODS = ("regmean", "fisher", "mats", "pleas")

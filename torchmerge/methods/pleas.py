@@ -18,7 +18,8 @@ and running statistics (on a plain or flatten axis) may widen; any other group (
 attention heads, embeddings, concatenations, ...) keeps width 1.0 — listed in ``info["fixed_width"]``.
 
 Step 2 — layer-wise least squares, in execution order and *progressively* (layer l sees the merged
-model's own inputs, produced by the already-fitted layers 1..l−1). For each Linear/Conv layer:
+model's own inputs, produced by the already-fitted layers 1..l−1). For each Linear/Conv layer
+(and Hugging Face ``Conv1D``, GPT-2's Linear with a transposed weight):
 
     W* = argmin_W  Σ_t (1/N_t) ‖X_t Wᵀ − Y_t‖² + λ‖W‖²
     λ  = ridge · mean_k Σ_t (1/N_t) ‖X_t[:, k]‖²
@@ -44,7 +45,9 @@ tasks (from the accumulated Grams), weight = sqrt(var + eps), bias = mean (+ the
 when the layer has no bias). Other norms keep the average of the owning experts' values.
 
 Task heads (``heads``, default ``spec.heads``): fitted per task on task t's data against expert t's
-output only; ``result.heads[t]`` holds them, ``result.model`` carries task 0's head.
+output only; ``result.heads[t]`` holds them, ``result.model`` carries task 0's head. A head tied to
+a body tensor (GPT-2's LM head is its input embedding) is untied in the merged model: the
+embedding is merged as body, the head fitted per task.
 The paper trains the merged layers with Adam (lr 5e-4, cosine) on [(x_A + x_B)/2, x_A-only,
 x_B-only] inputs from the original models; this is the exact least-squares version of that step.
 
@@ -81,6 +84,7 @@ from ..progress import bar
 from ..spec import PermutationSpec
 from ..batches import iter_calls
 from ..trace import eval_mode, trace
+from ..tree import fit_sizes, is_hf_conv1d
 from .base import flag
 from .mats import conjugate_gradient
 
@@ -218,7 +222,9 @@ def _check_width(width, spec, T):
 
 
 def _tensors(model):
-    return dict(model.named_parameters()) | dict(model.named_buffers())
+    """Every parameter and buffer under each of its names: a tied tensor (GPT-2's ``lm_head.weight``
+    is ``transformer.wte.weight``) appears under both."""
+    return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
 
 
 # ------------------------------------------------------------------------------------ matching
@@ -280,7 +286,7 @@ def _widen_block(spec, model, g, how):
     for p, a, e in spec.members_of(g):
         path, _, leaf = p.rpartition(".")
         mod = model.get_submodule(path)
-        if isinstance(mod, nn.Linear) or (isinstance(mod, _CONVS) and mod.groups == 1):
+        if _is_linear(mod) or (isinstance(mod, _CONVS) and mod.groups == 1):
             ok = leaf in ("weight", "bias")
         elif isinstance(mod, _BN):
             ok = leaf in ("weight", "bias", "running_mean", "running_var")
@@ -364,21 +370,22 @@ def _assemble(experts, spec, sources, head_params=()):
         axes_of.setdefault(p, []).append((a, e))
     tensors = _tensors(experts[0])
     memo = {}
-    for p, orig in tensors.items():
+    # body names first: a tensor tied to a head takes the body's merge (the head is untied below)
+    for p, orig in sorted(tensors.items(), key=lambda kv: kv[0] in head_params):
+        if id(orig) in memo:
+            continue
         # heads may differ in size across tasks: task 0's is the placeholder until refit
         new = _averaged(experts[:1] if p in head_params else experts, p, axes_of.get(p, []), sources)
         memo[id(orig)] = nn.Parameter(new, orig.requires_grad) if isinstance(orig, nn.Parameter) else new
     merged = copy.deepcopy(experts[0], memo)
+    body_ids = {id(t) for p, t in tensors.items() if p not in head_params}
+    for p in head_params:  # fitting a head tied to a body tensor would overwrite the body (the embedding)
+        if id(tensors[p]) in body_ids:
+            path, _, leaf = p.rpartition(".")
+            value = _averaged(experts[:1], p, axes_of.get(p, []), sources)
+            setattr(merged.get_submodule(path), leaf, nn.Parameter(value, tensors[p].requires_grad))
     for mod in merged.modules():
-        w = getattr(mod, "weight", None)
-        if isinstance(mod, nn.Linear):
-            mod.out_features, mod.in_features = w.shape[0], w.shape[1]
-        elif isinstance(mod, _CONVS):
-            mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
-        elif isinstance(mod, _BN):
-            ref = w if w is not None else mod.running_mean
-            if ref is not None:
-                mod.num_features = ref.shape[0]
+        fit_sizes(mod)  # widened layers: in/out features, channels, BatchNorm features, Conv1D's nf
     return merged
 
 
@@ -415,7 +422,7 @@ def _conv_padding(mod):
 def _why_not(mod, calls):
     if calls > 1:
         return f"called {calls} times per forward (shared weights)"
-    if isinstance(mod, nn.Linear):
+    if _is_linear(mod):
         return None
     if not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         return f"{type(mod).__name__} has no least-squares fit (averaged)"
@@ -431,7 +438,7 @@ def _layers(model, x, head_params):
     order, calls = [], Counter()
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear,) + _CONVS + (_BN,)):
+        if isinstance(mod, (nn.Linear,) + _CONVS + (_BN,)) or is_hf_conv1d(mod):
             def hook(_m, _a, _o, name=name):
                 calls[name] += 1
                 if calls[name] == 1:
@@ -496,8 +503,24 @@ def _grab(model, path, x, where):
     return box[0]
 
 
+def _is_linear(mod) -> bool:
+    """nn.Linear, or Hugging Face's Conv1D (GPT-2: the same map with an ``[in, out]`` weight)."""
+    return isinstance(mod, nn.Linear) or is_hf_conv1d(mod)
+
+
+def _weight_rows(mod) -> torch.Tensor:
+    """The layer's weight as ``[out, in·kernel]`` (a view; Conv1D's is stored transposed)."""
+    w = mod.weight.detach()
+    return w.T if is_hf_conv1d(mod) else w.reshape(w.shape[0], -1)
+
+
+def _axes(mod) -> tuple:
+    """(output axis, input axis) of the layer's weight."""
+    return (1, 0) if is_hf_conv1d(mod) else (0, 1)
+
+
 def _rows_in(mod, x):
-    if isinstance(mod, nn.Linear):
+    if _is_linear(mod):
         return x.reshape(-1, x.shape[-1])
     pad, k, d, s = _conv_padding(mod), mod.kernel_size, mod.dilation, mod.stride
     if isinstance(mod, nn.Conv1d):
@@ -507,7 +530,7 @@ def _rows_in(mod, x):
 
 
 def _rows_out(mod, y):
-    if isinstance(mod, nn.Linear):
+    if _is_linear(mod):
         return y.reshape(-1, y.shape[-1])
     return y.movedim(1, -1).reshape(-1, y.shape[1])
 
@@ -529,12 +552,12 @@ class _Fitter:
 
     def layer(self, path, bn_path, is_head):
         mod = self.merged.get_submodule(path)
-        w = mod.weight
-        out_m, d = w.shape[0], w[0].numel()
-        k = d // w.shape[1]
-        omap = [self._map(f"{path}.weight", 0, t, out_m) for t in range(self.T)]
+        w, (out_axis, in_axis) = mod.weight, _axes(mod)
+        out_m, d = _weight_rows(mod).shape
+        k = d // w.shape[in_axis]
+        omap = [self._map(f"{path}.weight", out_axis, t, out_m) for t in range(self.T)]
         own = torch.stack([o >= 0 for o in omap])                       # [T, out_m]
-        cols = torch.stack([(self._map(f"{path}.weight", 1, t, w.shape[1]) >= 0).repeat_interleave(k)
+        cols = torch.stack([(self._map(f"{path}.weight", in_axis, t, w.shape[in_axis]) >= 0).repeat_interleave(k)
                             for t in range(self.T)])                    # [T, d]
         use_bias = mod.bias is not None or bn_path is not None
         if is_head:
@@ -555,7 +578,7 @@ class _Fitter:
     def _heads(self, mod, path, d, use_bias):
         """Each task's head on its own data; its number of outputs is expert t's own."""
         for t in range(self.T):
-            out_t = self.experts[t].get_submodule(path).weight.shape[0]
+            out_t = _weight_rows(self.experts[t].get_submodule(path)).shape[0]
             omap = [torch.arange(out_t)] * self.T
             sys_t = self._accumulate(mod, path, path, t, omap, torch.ones(self.T, out_t, dtype=torch.bool), True)
             wt = self._solve([sys_t], torch.ones(out_t, d, dtype=torch.bool), use_bias, mod, path)
@@ -588,7 +611,7 @@ class _Fitter:
         A = sum(s[0] for s in systems)
         Bm = sum(s[1] for s in systems)
         d = A.shape[0] - 1
-        init = mod.weight.detach().reshape(mod.weight.shape[0], -1).to(A.device, _DT)
+        init = _weight_rows(mod).to(A.device, _DT)
         if init.shape[0] != Bm.shape[1]:  # a task head with another number of outputs
             init = init.new_zeros(Bm.shape[1], d)
         W = torch.zeros(Bm.shape[1], d + 1, dtype=_DT, device=A.device)
@@ -613,7 +636,8 @@ class _Fitter:
 
     def _set(self, mod, wa, use_bias):
         with torch.no_grad():
-            mod.weight.copy_(wa[:, :-1].reshape(mod.weight.shape))
+            w = wa[:, :-1]
+            mod.weight.copy_(w.T if is_hf_conv1d(mod) else w.reshape(mod.weight.shape))
             if mod.bias is not None:
                 mod.bias.copy_(wa[:, -1] if use_bias else torch.zeros_like(mod.bias))
 
@@ -644,8 +668,12 @@ class _Fitter:
                 wa = self.head_fits[t].get(path)
                 if wa is not None:
                     like = _tensors(self.merged)[p]
-                    shape = (wa.shape[0],) + tuple(like.shape[1:])  # task t's own number of outputs
-                    v = wa[:, :-1].reshape(shape) if leaf == "weight" else wa[:, -1]
+                    if leaf != "weight":
+                        v = wa[:, -1]
+                    elif is_hf_conv1d(self.merged.get_submodule(path)):
+                        v = wa[:, :-1].T
+                    else:  # task t's own number of outputs
+                        v = wa[:, :-1].reshape((wa.shape[0],) + tuple(like.shape[1:]))
                     state[p] = v.to(like.dtype).clone()
                 else:
                     v, m = _gather(_tensors(self.experts[t])[p], axes_of.get(p, []), t, self.sources)

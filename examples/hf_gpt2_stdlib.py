@@ -1,0 +1,230 @@
+"""Merge non-local GPT-2 language models trained on Python's own text into one ``GPT2LMHeadModel``.
+
+The language-model counterpart of ``examples/hf_vit_mnist.py``:
+
+- data: text that ships with Python, read as bytes (vocabulary 256): four tasks, each split into
+  windows of 64 bytes, the first 90 % of a task's text for training and the last 10 % held out —
+  ``prose`` (pydoc's English help topics, ``pydoc_data.topics``), ``asyncio`` (the sources of the
+  asyncio package), ``email`` (the sources of the email package) and ``docstrings`` (the
+  docstrings of a dozen other standard-library modules, read with ``ast``);
+- model: ``transformers.GPT2LMHeadModel`` from a tiny ``GPT2Config`` (64 positions, width 64,
+  2 layers, 4 heads), random init, nothing downloaded;
+- two *pretrainings* on all four tasks' training text from different seeds (A and B): two basins;
+- four experts fine-tuned from them (all weights, the tied embedding/LM head included):
+  ``prose`` and ``asyncio`` from A, ``email`` and ``docstrings`` from B;
+- merging: ``tm.merge(experts, method, base=[pretraining of each expert], data=[dict batches of
+  input_ids per task], align, correction, heads=["lm_head"])``: one LM head per task (GPT-2 ties it
+  to the input embedding, which is merged). The merged model is still a ``GPT2LMHeadModel``; each
+  task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``.
+
+Metric: perplexity on each task's held-out windows; *normalized* = mean over tasks of expert
+perplexity / merged perplexity (1.0: as good as each task's own expert). The pretraining of each
+task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
+
+Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
+[--out hf-gpt2-demo/results.json] (needs transformers; about 4 min on two CPU threads,
+``--quick`` about 1 min)
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
+
+import torchmerge as tm
+
+WINDOW, BATCH, SEED = 64, 32, 0
+DOCSTRING_MODULES = ("json", "http", "urllib", "logging", "unittest", "collections", "concurrent",
+                     "xml", "importlib", "multiprocessing", "sqlite3", "tomllib", "zipfile", "argparse")
+FULL = dict(task_bytes=240_000, pretrain_epochs=2, finetune_epochs=3, calib_batches=16,
+            settings=[("task_arithmetic", "weight", None), ("task_arithmetic", "weight", "affine"),
+                      ("tall", "weight", None), ("tall", "weight", "affine"), ("tall", "weight", "affine+tune"),
+                      ("tall", "activation", None), ("tall", "activation", "affine"),
+                      ("tall", "activation", "affine+tune")])
+QUICK = dict(task_bytes=60_000, pretrain_epochs=2, finetune_epochs=2, calib_batches=4,
+             settings=[("task_arithmetic", "weight", None), ("tall", "activation", "affine"),
+                       ("tall", "activation", "affine+tune")])
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    parent: str  # the pretraining it is fine-tuned from
+
+
+TASKS = (Task("prose", "A"), Task("asyncio", "A"), Task("email", "B"), Task("docstrings", "B"))
+
+
+def task_text(name: str) -> bytes:
+    """A task's text, from files and modules of this Python installation (sorted: reproducible)."""
+    if name == "prose":
+        import pydoc_data.topics
+        return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)).encode()
+    if name in ("asyncio", "email"):
+        return b"\n".join(p.read_bytes() for p in _sources(name))
+    docs = []
+    for module in DOCSTRING_MODULES:
+        for path in _sources(module):
+            tree = ast.parse(path.read_bytes())
+            docs += [d for node in ast.walk(tree)
+                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                     and (d := ast.get_docstring(node))]
+    return "\n\n".join(docs).encode()
+
+
+def _sources(package: str) -> list:
+    """The ``.py`` files of a standard-library package (or the one file of a module)."""
+    spec = __import__("importlib.util").util.find_spec(package)
+    origin = Path(spec.origin)
+    return sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+
+
+def windows(text: bytes, limit: int) -> tuple:
+    """Train and held-out windows ``[N, 64]`` of byte ids: the first 90 % of the text's first
+    ``limit`` bytes, and the last 10 %."""
+    ids = torch.tensor(list(text[:limit]), dtype=torch.long)
+    cut = int(0.9 * len(ids))
+    def chop(x):
+        return x[: len(x) // WINDOW * WINDOW].view(-1, WINDOW)
+    return chop(ids[:cut]), chop(ids[cut:])
+
+
+def dict_batches(x: torch.Tensor, batch_size: int, seed: int | None = None) -> list:
+    """``[{"input_ids": [B, 64]}, ...]`` (shuffled once when ``seed``): no labels, the merge
+    needs none; training and evaluation pass ``labels=input_ids``."""
+    order = torch.arange(len(x)) if seed is None else torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": x[order[i:i + batch_size]]} for i in range(0, len(x), batch_size)]
+
+
+def gpt2() -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=256, n_positions=WINDOW, n_embd=64, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def train(model, data: list, epochs: int, lr: float, seed: int):
+    """AdamW with a cosine schedule through the HF forward (``labels=input_ids``, ``.loss`` out)."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = max(1, epochs * len(data))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    for epoch in range(epochs):
+        for i in torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist():
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=data[i]["input_ids"], labels=data[i]["input_ids"]).loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def perplexity(model, data: list, task=None) -> float:
+    """exp(mean next-byte cross-entropy); ``task``: set on a merged model first (``set_task``)."""
+    model.eval()
+    if task is not None:
+        model.set_task(task)
+    total = count = 0.0
+    for batch in data:
+        ids = batch["input_ids"]
+        n = ids.numel() - len(ids)  # predicted positions
+        total += float(model(input_ids=ids, labels=ids).loss) * n
+        count += n
+    return math.exp(total / count)
+
+
+def build_setting(cfg: dict, log=print):
+    """Two pretrainings (A, B) on all tasks' training text and four experts fine-tuned from them."""
+    splits = [windows(task_text(t.name), cfg["task_bytes"]) for t in TASKS]
+    train_sets = [dict_batches(tr, BATCH, seed=SEED + i) for i, (tr, _) in enumerate(splits)]
+    test_sets = [dict_batches(te, 256) for _, te in splits]
+    union = dict_batches(torch.cat([tr for tr, _ in splits]), BATCH, seed=SEED)
+    pre = {}
+    for i, p in enumerate("AB"):
+        torch.manual_seed(SEED + 100 * (i + 1))  # A and B: different inits, different basins
+        pre[p] = train(gpt2(), union, cfg["pretrain_epochs"], 3e-3, SEED + i + 1)
+        log(f"pretraining {p}: perplexity " + ", ".join(
+            f"{t.name} {perplexity(pre[p], te):.2f}" for t, te in zip(TASKS, test_sets)))
+    experts = []
+    for i, t in enumerate(TASKS):
+        expert = gpt2()
+        expert.load_state_dict(pre[t.parent].state_dict())
+        experts.append(train(expert, train_sets[i], cfg["finetune_epochs"], 1e-3, SEED + 10 + i))
+    return pre, experts, train_sets, test_sets
+
+
+def merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl) -> dict:
+    pre, experts, train_sets, test_sets = setting
+    t0 = time.perf_counter()
+    merged = tm.merge(experts, method=method, base=[pre[t.parent] for t in TASKS], data=train_sets,
+                      align=align, correction=correction, heads=["lm_head"],
+                      task_names=[t.name for t in TASKS], max_batches=cfg["calib_batches"], seed=SEED)
+    if not isinstance(merged, GPT2LMHeadModel):
+        raise TypeError(f"the merged model is a {type(merged).__name__}, not a GPT2LMHeadModel")
+    return _row(method, str(align), str(correction),
+                [perplexity(merged, te, task=t.name) for t, te in zip(TASKS, test_sets)], expert_ppl,
+                seconds=round(time.perf_counter() - t0, 1),
+                affine_parameters_per_task=sum(2 * site.scale.shape[1] for site in merged.sites().values()))
+
+
+def _row(method, align, correction, ppl, expert_ppl, **extra) -> dict:
+    return {"method": method, "align": align, "correction": correction,
+            "perplexity": {t.name: p for t, p in zip(TASKS, ppl)},
+            "normalized": sum(e / p for p, e in zip(ppl, expert_ppl)) / len(ppl), **extra}
+
+
+def print_table(rows: list, log=print) -> None:
+    names = [t.name for t in TASKS]
+    head = ["method", "align", "correction", *names, "normalized"]
+    body = [[r["method"], r["align"], r["correction"], *(f"{r['perplexity'][n]:.2f}" for n in names),
+             f"{r['normalized']:.3f}"] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    for row in [head] + body:
+        log("  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: less text and training, 3 merges")
+    parser.add_argument("--out", default="hf-gpt2-demo/results.json", help="where the JSON results go")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    hf_logging.set_verbosity_error()
+    cfg = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    setting = build_setting(cfg)
+    pre, experts, _, test_sets = setting
+    expert_ppl = [perplexity(e, te) for e, te in zip(experts, test_sets)]
+    rows = [_row("experts", "-", "-", expert_ppl, expert_ppl),
+            _row("pretraining of the task's lineage", "-", "-",
+                 [perplexity(pre[t.parent], te) for t, te in zip(TASKS, test_sets)], expert_ppl)]
+    print(f"experts trained ({time.perf_counter() - start:.0f} s); merging {len(cfg['settings'])} settings")
+    for method, align, correction in cfg["settings"]:
+        rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl))
+        print(f"  {method}, align={align}, correction={correction}: normalized {rows[-1]['normalized']:.3f} "
+              f"({rows[-1]['seconds']} s)")
+    print()
+    print_table(rows)
+    results = {"command": " ".join(["python examples/hf_gpt2_stdlib.py", *(argv if argv is not None else sys.argv[1:])]),
+               "quick": args.quick, "tasks": [{"name": t.name, "parent": t.parent} for t in TASKS],
+               "python": sys.version.split()[0],
+               "config": {k: v for k, v in cfg.items() if k != "settings"}, "rows": rows,
+               "seconds": round(time.perf_counter() - start, 1)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {out} ({results['seconds']} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""examples/hf_gpt2_stdlib.py --quick: four GPT-2 language models from two pretrainings merged into
+one GPT2LMHeadModel; the JSON it writes holds a finite perplexity for every task of every setting,
+and the corrected merge keeps more of the experts than the uncorrected one and than falling back
+to each task's pretraining."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "hf_gpt2_stdlib.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf_gpt2") / "results.json"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}  # this checkout's torchmerge
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=out.parent,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _row(results, method, align, correction):
+    rows = [r for r in results["rows"] if (r["method"], r["align"], r["correction"]) == (method, align, correction)]
+    assert len(rows) == 1, f"expected one row {method}/{align}/{correction}"
+    return rows[0]
+
+
+def test_every_perplexity_is_finite(results):
+    tasks = [t["name"] for t in results["tasks"]]
+    assert results["quick"] is True and len(tasks) == 4 and len(results["rows"]) == 5
+    for row in results["rows"]:
+        assert sorted(row["perplexity"]) == sorted(tasks), row
+        assert all(math.isfinite(p) and 1.0 <= p < 256.0 for p in row["perplexity"].values()), row
+        assert math.isfinite(row["normalized"]) and 0.0 < row["normalized"] <= 1.5, row
+
+
+def test_fine_tuning_beat_the_pretraining_on_every_task(results):
+    experts, pretraining = results["rows"][0]["perplexity"], results["rows"][1]["perplexity"]
+    assert all(experts[t] < pretraining[t] for t in experts), (experts, pretraining)
+
+
+def test_corrected_merge_beats_uncorrected_and_the_pretrainings(results):
+    plain = _row(results, "task_arithmetic", "weight", "None")["normalized"]
+    pretraining = results["rows"][1]["normalized"]
+    tuned = _row(results, "tall", "activation", "affine+tune")
+    assert tuned["normalized"] > plain + 0.05 and tuned["normalized"] > pretraining, (tuned, plain, pretraining)
+    assert tuned["affine_parameters_per_task"] > 0
