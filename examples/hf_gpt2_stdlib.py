@@ -15,15 +15,16 @@ The language-model counterpart of ``examples/hf_vit_mnist.py``:
 - merging: ``tm.merge(experts, method, base=[pretraining of each expert], data=[dict batches of
   input_ids per task], align, correction, heads=["lm_head"])``: one LM head per task (GPT-2 ties it
   to the input embedding, which is merged). The merged model is still a ``GPT2LMHeadModel``; each
-  task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``.
+  task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``; PLeaS rows
+  (``method="pleas"``, widths 1, 1.5 and 2: only the MLPs can widen) need no correction.
 
 Metric: perplexity on each task's held-out windows; *normalized* = mean over tasks of expert
 perplexity / merged perplexity (1.0: as good as each task's own expert). The pretraining of each
 task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
 
 Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
-[--out hf-gpt2-demo/results.json] (needs transformers; about 4 min on two CPU threads,
-``--quick`` about 1 min)
+[--out hf-gpt2-demo/results.json] (needs transformers; 10–30 min on two CPU threads — PLeaS
+and activation matching are the slow rows —, ``--quick`` about 1 min)
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ FULL = dict(task_bytes=240_000, pretrain_epochs=2, finetune_epochs=3, calib_batc
             settings=[("task_arithmetic", "weight", None), ("task_arithmetic", "weight", "affine"),
                       ("tall", "weight", None), ("tall", "weight", "affine"), ("tall", "weight", "affine+tune"),
                       ("tall", "activation", None), ("tall", "activation", "affine"),
-                      ("tall", "activation", "affine+tune")])
+                      ("tall", "activation", "affine+tune"),
+                      ("tall", "activation", "affine+tune", {"calibration": {"tune_heads": True}})]
+            + [("pleas", None, None, {"width": w}) for w in (1.0, 1.5, 2.0)])
 QUICK = dict(task_bytes=60_000, pretrain_epochs=2, finetune_epochs=2, calib_batches=4,
              settings=[("task_arithmetic", "weight", None), ("tall", "activation", "affine"),
                        ("tall", "activation", "affine+tune")])
@@ -162,18 +165,22 @@ def build_setting(cfg: dict, log=print):
     return pre, experts, train_sets, test_sets
 
 
-def merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl) -> dict:
+def merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl, options=None) -> dict:
+    """One ``tm.merge`` call; ``options``: more of its keyword arguments (PLeaS's ``width``, ...)."""
     pre, experts, train_sets, test_sets = setting
     t0 = time.perf_counter()
     merged = tm.merge(experts, method=method, base=[pre[t.parent] for t in TASKS], data=train_sets,
                       align=align, correction=correction, heads=["lm_head"],
-                      task_names=[t.name for t in TASKS], max_batches=cfg["calib_batches"], seed=SEED)
+                      task_names=[t.name for t in TASKS], max_batches=cfg["calib_batches"], seed=SEED,
+                      **(options or {}))
     if not isinstance(merged, GPT2LMHeadModel):
         raise TypeError(f"the merged model is a {type(merged).__name__}, not a GPT2LMHeadModel")
-    return _row(method, str(align), str(correction),
+    label = method + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    return _row(label, str(align), str(correction),
                 [perplexity(merged, te, task=t.name) for t, te in zip(TASKS, test_sets)], expert_ppl,
                 seconds=round(time.perf_counter() - t0, 1),
-                affine_parameters_per_task=sum(2 * site.scale.shape[1] for site in merged.sites().values()))
+                affine_parameters_per_task=0 if correction is None else
+                sum(2 * site.scale.shape[1] for site in merged.sites().values()))
 
 
 def _row(method, align, correction, ppl, expert_ppl, **extra) -> dict:
@@ -208,8 +215,8 @@ def main(argv=None) -> dict:
             _row("pretraining of the task's lineage", "-", "-",
                  [perplexity(pre[t.parent], te) for t, te in zip(TASKS, test_sets)], expert_ppl)]
     print(f"experts trained ({time.perf_counter() - start:.0f} s); merging {len(cfg['settings'])} settings")
-    for method, align, correction in cfg["settings"]:
-        rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl))
+    for method, align, correction, *options in cfg["settings"]:
+        rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl, *options))
         print(f"  {method}, align={align}, correction={correction}: normalized {rows[-1]['normalized']:.3f} "
               f"({rows[-1]['seconds']} s)")
     print()

@@ -15,6 +15,8 @@ The setting of ``torchmerge demo`` (see ``torchmerge/demo.py``) with a transform
 - merging: ``tm.merge(experts, method, base=[pretraining of each expert], data=[dict batches per
   task], align, correction)``. The merged model is still a ``ViTForImageClassification`` (the
   injected build); each task is evaluated as ``merged.set_task(t); merged(pixel_values=x).logits``;
+- the correction variants (``affine``, and ``affine+tune``: the affine rows then distilled from each
+  expert) and PLeaS (``method="pleas"``, widths 1, 1.5 and 2, no correction);
 - routing: ``tm.merge(experts, method="route", data, align, window)`` over the experts' MLP blocks
   (unaligned and aligned, window 0 and 1), with the compatibility of those blocks (CKA, unit
   correlation before and after alignment) and the distillation losses in each row.
@@ -44,7 +46,9 @@ from torchmerge.demo import TASKS, load_images, split
 FULL = dict(pretrain_epochs=4, finetune_epochs=6, train_limit=None, calib_batches=16,
             settings=[(m, "weight", c) for m in ("average", "task_arithmetic", "ties", "tall")
                       for c in (None, "affine")]
-            + [(m, a, c) for m in ("task_arithmetic", "tall") for a in (None, "activation") for c in (None, "affine")],
+            + [(m, a, c) for m in ("task_arithmetic", "tall") for a in (None, "activation") for c in (None, "affine")]
+            + [("tall", a, "affine+tune") for a in (None, "weight", "activation")]
+            + [("pleas", None, None, {"width": w}) for w in (1.0, 1.5, 2.0)],
             routes=[(a, w) for a in (None, "weight", "activation") for w in (0, 1)])
 QUICK = dict(pretrain_epochs=3, finetune_epochs=3, train_limit=1500, calib_batches=4,
              settings=[("average", "weight", None), ("task_arithmetic", "weight", "affine"),
@@ -121,16 +125,18 @@ def build_setting(cfg: dict, log=print):
     return pre, experts, train_sets, test_sets
 
 
-def merge_and_evaluate(setting, method, align, correction, cfg, expert_acc) -> dict:
+def merge_and_evaluate(setting, method, align, correction, cfg, expert_acc, options=None) -> dict:
+    """One ``tm.merge`` call; ``options``: the method's keyword arguments (PLeaS's ``width``)."""
     pre, experts, train_sets, test_sets = setting
     t0 = time.perf_counter()
     merged = tm.merge(experts, method=method, base=[pre[t.parent] for t in TASKS], data=train_sets,
                       align=align, correction=correction, task_names=[t.name for t in TASKS],
-                      max_batches=cfg["calib_batches"], seed=SEED)
+                      max_batches=cfg["calib_batches"], seed=SEED, **(options or {}))
     if not isinstance(merged, ViTForImageClassification):
         raise TypeError(f"the merged model is a {type(merged).__name__}, not a ViTForImageClassification")
     accs = [accuracy(merged, test, task=t.name) for t, test in zip(TASKS, test_sets)]
-    return {"method": method, "align": str(align), "correction": str(correction),
+    label = method + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    return {"method": label, "align": str(align), "correction": str(correction),
             "accuracy": {t.name: a for t, a in zip(TASKS, accs)}, "mean_accuracy": sum(accs) / len(accs),
             "normalized": sum(a / e for a, e in zip(accs, expert_acc)) / len(accs),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -183,8 +189,8 @@ def main(argv=None) -> dict:
     rows = [{"method": "experts", "align": "-", "correction": "-", "accuracy": dict(zip(names, expert_acc)),
              "mean_accuracy": sum(expert_acc) / len(expert_acc), "normalized": 1.0}]
     print(f"experts trained ({time.perf_counter() - start:.0f} s); merging {len(cfg['settings'])} settings")
-    for method, align, correction in cfg["settings"]:
-        rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_acc))
+    for method, align, correction, *options in cfg["settings"]:
+        rows.append(merge_and_evaluate(setting, method, align, correction, cfg, expert_acc, *options))
         print(f"  {method}, align={align}, correction={correction}: normalized {rows[-1]['normalized']:.3f} "
               f"({rows[-1]['seconds']} s)")
     for align, window in cfg["routes"]:

@@ -34,8 +34,8 @@ def test_doc_blocks_run(name, monkeypatch, tmp_path):
             exec(compiled, namespace)  # noqa: S102 - the docs' own examples
 
 
-# examples with their own test (a --quick run): tests/test_example_hf_vit.py
-OWN_TEST = {"hf_vit_mnist.py"}
+# examples with their own test (a --quick run): tests/test_example_hf_vit.py, tests/test_example_hf_gpt2.py
+OWN_TEST = {"hf_vit_mnist.py", "hf_gpt2_stdlib.py"}
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def results(tmp_path_factory):
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}  # this checkout's torchmerge
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=out.parent,
-                          env=env, capture_output=True, text=True, timeout=400)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 

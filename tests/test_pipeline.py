@@ -143,3 +143,21 @@ def test_ddp_wrapping_trains_task_parameters(tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(before, trainable))
     finally:
         dist.destroy_process_group()
+
+
+def test_align_auto_is_activation_matching_for_transformers_with_data_else_weight_matching():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, num_labels=2)
+    berts = [transformers.BertForSequenceClassification(config).eval() for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    text = [[{"input_ids": torch.randint(0, 30, (4, 6), generator=gen)}] for _ in range(2)]
+    mlps = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+    vectors = [[torch.randn(8, 4)] for _ in range(2)]
+    chosen = {
+        "bert, data": tm.merge(berts, data=text, correction="affine").info["align"],
+        "bert, no data": tm.merge(berts, method="average", example_inputs=text[0][0], correction=None).info["align"],
+        "mlp, data": tm.merge(mlps, data=vectors, correction="affine").info["align"],
+    }
+    assert chosen == {"bert, data": "activation", "bert, no data": "weight", "mlp, data": "weight"}
