@@ -381,3 +381,26 @@ def test_weight_alignment_lowers_the_digits_barrier():
     assert after["loss_barrier"] < before["loss_barrier"], (before["loss_barrier"], after["loss_barrier"])
     # the aligned model is the same function: the path's endpoints are unchanged
     assert abs(after["loss"][-1] - before["loss"][-1]) < 1e-4
+
+
+def test_an_escape_back_to_a_local_optimum_already_left_ends_the_ascent(monkeypatch):
+    """Activation matching of two GPT-2 pretrainings cycled: an escape from a local optimum led,
+    after a sweep, back to one already escaped from, 100 sweeps long. A revisited optimum now ends
+    the ascent (converged: no single-group move gains there)."""
+    import importlib
+
+    align_module = importlib.import_module("torchmerge.align")
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2))
+    spec = tm.discover(a, torch.randn(2, 4))
+    escapes = []
+
+    def to_the_other_optimum_and_back(self, perms):  # stands in for a cycling escape
+        g = next(iter(perms))
+        perms[g] = perms[g].roll(1)  # the next sweep moves it back: the same optimum again
+        escapes.append(g)
+        return True
+
+    monkeypatch.setattr(align_module._Matcher, "escape", to_the_other_optimum_and_back)
+    result = tm.align(a, b, spec, max_iter=50, return_result=True)
+    assert result.converged and result.sweeps < 10 and len(escapes) == 1

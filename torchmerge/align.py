@@ -206,13 +206,17 @@ class _Matcher:
                              sources={g: "activation" if g in self.scorers else "weight" for g in order})
         sweeps = bar(range(max_iter), "align: sweep")
         threads = max(1, torch.get_num_threads())
+        optima = set()  # the local optima escaped from: an escape can lead back to one (a cycle)
         with ThreadPoolExecutor(threads) as pool:
             for sweep in sweeps:
                 rng.shuffle(order)
                 moved = self.sweep(order, dirty, perms, pool, threads)
                 changed = bool(moved)
-                if not changed and self.escape(perms):
-                    changed, dirty, moved = True, set(order), set(order)
+                if not changed:  # a local optimum of single-group moves
+                    key = tuple(perms[g].numpy().tobytes() for g in sorted(perms))
+                    if key not in optima and self.escape(perms):
+                        optima.add(key)
+                        changed, dirty, moved = True, set(order), set(order)
                 result.sweeps = sweep + 1
                 result.objective.append(self.tracked(perms, moved))
                 if not changed:
