@@ -23,14 +23,12 @@ perplexity / merged perplexity (1.0: as good as each task's own expert). The pre
 task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
 
 Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
-[--out hf-gpt2-demo/results.json] (needs transformers; 10–30 min on two CPU threads — PLeaS
+[--out hf-gpt2-demo/results.json] (needs transformers; about 12 min on two CPU threads — PLeaS
 and activation matching are the slow rows —, ``--quick`` about 1 min)
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import json
 import math
 import sys
 import time
@@ -39,9 +37,10 @@ from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
 
 import torchmerge as tm
+import hf_common
+from hf_common import train
 
 WINDOW, BATCH, SEED = 64, 32, 0
 DOCSTRING_MODULES = ("json", "http", "urllib", "logging", "unittest", "collections", "concurrent",
@@ -102,32 +101,17 @@ def windows(text: bytes, limit: int) -> tuple:
 
 
 def dict_batches(x: torch.Tensor, batch_size: int, seed: int | None = None) -> list:
-    """``[{"input_ids": [B, 64]}, ...]`` (shuffled once when ``seed``): no labels, the merge
-    needs none; training and evaluation pass ``labels=input_ids``."""
+    """``[{"input_ids": [B, 64], "labels": the same}, ...]`` (shuffled once when ``seed``): HF
+    computes the next-byte loss from ``labels``; tm.merge drops the key (labels are never used)."""
     order = torch.arange(len(x)) if seed is None else torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return [{"input_ids": x[order[i:i + batch_size]]} for i in range(0, len(x), batch_size)]
+    return [{"input_ids": x[order[i:i + batch_size]], "labels": x[order[i:i + batch_size]]}
+            for i in range(0, len(x), batch_size)]
 
 
 def gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=256, n_positions=WINDOW, n_embd=64, n_layer=2, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
-
-
-def train(model, data: list, epochs: int, lr: float, seed: int):
-    """AdamW with a cosine schedule through the HF forward (``labels=input_ids``, ``.loss`` out)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max(1, epochs * len(data))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    for epoch in range(epochs):
-        for i in torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist():
-            opt.zero_grad(set_to_none=True)
-            model(input_ids=data[i]["input_ids"], labels=data[i]["input_ids"]).loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -190,22 +174,12 @@ def _row(method, align, correction, ppl, expert_ppl, **extra) -> dict:
 
 
 def print_table(rows: list, log=print) -> None:
-    names = [t.name for t in TASKS]
-    head = ["method", "align", "correction", *names, "normalized"]
-    body = [[r["method"], r["align"], r["correction"], *(f"{r['perplexity'][n]:.2f}" for n in names),
-             f"{r['normalized']:.3f}"] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    for row in [head] + body:
-        log("  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    columns = [(t.name, lambda r, n=t.name: f"{r['perplexity'][n]:.2f}") for t in TASKS]
+    hf_common.print_table(rows, columns + [("normalized", lambda r: f"{r['normalized']:.3f}")], log)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: less text and training, 3 merges")
-    parser.add_argument("--out", default="hf-gpt2-demo/results.json", help="where the JSON results go")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    hf_logging.set_verbosity_error()
+    args = hf_common.parse_args(__doc__, "a smoke run: less text and training, 3 merges", "hf-gpt2-demo/results.json", threads=2, argv=argv)
     cfg = QUICK if args.quick else FULL
     start = time.perf_counter()
     setting = build_setting(cfg)
@@ -226,10 +200,7 @@ def main(argv=None) -> dict:
                "python": sys.version.split()[0],
                "config": {k: v for k, v in cfg.items() if k != "settings"}, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nresults: {out} ({results['seconds']} s)")
+    hf_common.write_results(results, args.out)
     return results
 
 

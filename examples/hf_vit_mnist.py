@@ -29,18 +29,15 @@ Run: python examples/hf_vit_mnist.py [--quick] [--out hf-vit-demo/results.json]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
-from transformers.utils import logging as hf_logging
 
 import torchmerge as tm
+import hf_common
+from hf_common import train
 from torchmerge.demo import TASKS, load_images, split
 
 FULL = dict(pretrain_epochs=4, finetune_epochs=6, train_limit=None, calib_batches=16,
@@ -71,22 +68,6 @@ def dict_batches(x, y, batch_size: int, seed: int | None = None) -> list:
     order = torch.arange(len(x)) if gen is None else torch.randperm(len(x), generator=gen)
     return [{"pixel_values": x[order[i:i + batch_size]], "labels": y[order[i:i + batch_size]]}
             for i in range(0, len(x), batch_size)]
-
-
-def train(model, data: list, epochs: int, lr: float, seed: int):
-    """AdamW with a cosine schedule through the HF forward (``labels`` in, ``.loss`` out)."""
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = max(1, epochs * len(data))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    for epoch in range(epochs):
-        for i in torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist():
-            opt.zero_grad(set_to_none=True)
-            model(**data[i]).loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -165,22 +146,13 @@ def route_and_evaluate(setting, align, window, cfg, expert_acc) -> dict:
 
 
 def print_table(rows: list, log=print) -> None:
-    names = [t.name for t in TASKS]
-    head = ["method", "align", "correction", *names, "mean acc", "normalized"]
-    body = [[r["method"], r["align"], r["correction"], *(f"{r['accuracy'][n]:.3f}" for n in names),
-             f"{r['mean_accuracy']:.3f}", f"{r['normalized']:.3f}"] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    for row in [head] + body:
-        log("  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    columns = [(t.name, lambda r, n=t.name: f"{r['accuracy'][n]:.3f}") for t in TASKS]
+    columns += [("mean acc", lambda r: f"{r['mean_accuracy']:.3f}"), ("normalized", lambda r: f"{r['normalized']:.3f}")]
+    hf_common.print_table(rows, columns, log)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: less data and training, 4 merges")
-    parser.add_argument("--out", default="hf-vit-demo/results.json", help="where the JSON results go")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
+    args = hf_common.parse_args(__doc__, "a smoke run: less data and training, 4 merges", "hf-vit-demo/results.json", threads=1, argv=argv)
     cfg = QUICK if args.quick else FULL
     start = time.perf_counter()
     setting = build_setting(cfg)
@@ -205,10 +177,7 @@ def main(argv=None) -> dict:
                                                 "view": t.view} for t in TASKS],
                "config": {k: v for k, v in cfg.items() if k not in ("settings", "routes")}, "rows": rows,
                "seconds": round(time.perf_counter() - start, 1)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nresults: {out} ({results['seconds']} s)")
+    hf_common.write_results(results, args.out)
     return results
 
 

@@ -35,7 +35,7 @@ def test_doc_blocks_run(name, monkeypatch, tmp_path):
 
 
 # examples with their own test (a --quick run): tests/test_example_hf_vit.py, tests/test_example_hf_gpt2.py
-OWN_TEST = {"hf_vit_mnist.py", "hf_gpt2_stdlib.py"}
+OWN_TEST = {"hf_vit_mnist.py", "hf_gpt2_stdlib.py", "hf_common.py"}  # hf_common: their shared code
 
 
 @pytest.mark.slow

@@ -4,29 +4,17 @@ and the corrected merge keeps more of the experts than the uncorrected one and t
 to each task's pretraining."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "hf_gpt2_stdlib.py"
+from example_runs import run_quick
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("hf_gpt2") / "results.json"
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}  # this checkout's torchmerge
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=out.parent,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_quick("hf_gpt2_stdlib.py", tmp_path_factory.mktemp("hf_gpt2"), timeout=600)
 
 
 def _row(results, method, align, correction):

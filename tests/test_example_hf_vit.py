@@ -3,31 +3,18 @@ ViTForImageClassification; the JSON it writes holds a finite accuracy in [0, 1] 
 every setting, and the task-wise affine correction lifts the merge above plain averaging."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "examples" / "hf_vit_mnist.py"
+from example_runs import run_quick
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     pytest.importorskip("transformers")
     pytest.importorskip("mlxtend")
-    out = tmp_path_factory.mktemp("hf_vit") / "results.json"
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}  # this checkout's torchmerge
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=out.parent,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert out.exists(), f"no JSON at {out}; stdout: {done.stdout[-2000:]}"
-    return json.loads(out.read_text())
+    return run_quick("hf_vit_mnist.py", tmp_path_factory.mktemp("hf_vit"), timeout=300)
 
 
 def _row(results, method, align, correction):
