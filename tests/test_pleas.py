@@ -392,3 +392,21 @@ def test_a_head_tied_to_the_embedding_is_untied_and_the_embedding_merged_as_body
         lam = 1e-5 * X.square().mean(0).mean()
         sol = torch.linalg.solve(X.T @ X / len(X) + lam * torch.eye(8, dtype=X.dtype), X.T @ Y / len(X))
         assert torch.allclose(res.heads[t]["head.weight"].double(), sol.T, atol=1e-4)
+
+
+def test_a_width_no_group_can_take_warns_and_merges_at_the_experts_width():
+    class Normed(nn.Module):  # a LayerNorm on the hidden units: they may not widen
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.a, self.norm, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(self.norm(self.a(x)))
+
+    experts = [Normed(1).eval(), Normed(2).eval()]
+    spec = tm.discover(experts[0], torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="no group could widen"):
+        res = pleas(experts, spec, task_data(2, (16, 4)), width=2.0)
+    assert set(res.widths.values()) == {6} and "LayerNorm" in next(iter(res.info["fixed_width"].values()))
+    assert any("no group could widen" in w for w in res.info["warnings"])

@@ -140,6 +140,11 @@ def pleas(experts, spec, data, *, width=1.0, heads=None, ridge: float = 1e-5, ma
                 residual=fit.residual, layer_order=order_note, match_converged=match_converged)
     _flag_fallbacks(info, order_note, match_converged)
     widths = {g: int(s.shape[1]) for g, s in sources.items()}
+    asked = [g for g, w in widths_req.items() if round(w * spec.groups[g].size) > spec.groups[g].size]
+    if asked and all(widths[g] == spec.groups[g].size for g in asked):
+        flag(info, f"pleas: width {width!r} asked, but no group could widen (reasons in "
+                   f"info['fixed_width'], e.g. {asked[0]}: {blocked.get(asked[0], 'unknown')}): "
+                   "merged at the experts' width")
     return PleasResult(merged, head_states, widths, sources, info)
 
 
