@@ -213,7 +213,7 @@ class _Matcher:
                 moved = self.sweep(order, dirty, perms, pool, threads)
                 changed = bool(moved)
                 if not changed:  # a local optimum of single-group moves
-                    key = tuple(perms[g].numpy().tobytes() for g in sorted(perms))
+                    key = tuple(perms[g].cpu().numpy().tobytes() for g in sorted(perms))
                     if key not in optima and self.escape(perms):
                         optima.add(key)
                         changed, dirty, moved = True, set(order), set(order)
