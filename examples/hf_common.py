@@ -38,6 +38,14 @@ def train(model, data: list, epochs: int, lr: float, seed: int):
     return model.eval()
 
 
+def for_task(model, task=None):
+    """``model`` in eval mode, with ``task`` set first when it is a merged model's task."""
+    model.eval()
+    if task is not None:
+        model.set_task(task)
+    return model
+
+
 def print_table(rows: list, columns: list, log=print) -> None:
     """One line per row: method, align, correction, then ``columns`` — ``(header, row -> text)``."""
     head = ["method", "align", "correction", *(h for h, _ in columns)]

@@ -117,9 +117,7 @@ def gpt2() -> GPT2LMHeadModel:
 @torch.no_grad()
 def perplexity(model, data: list, task=None) -> float:
     """exp(mean next-byte cross-entropy); ``task``: set on a merged model first (``set_task``)."""
-    model.eval()
-    if task is not None:
-        model.set_task(task)
+    hf_common.for_task(model, task)
     total = count = 0.0
     for batch in data:
         ids = batch["input_ids"]

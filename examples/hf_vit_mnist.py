@@ -73,9 +73,7 @@ def dict_batches(x, y, batch_size: int, seed: int | None = None) -> list:
 @torch.no_grad()
 def accuracy(model, data: list, task=None) -> float:
     """Top-1 accuracy; ``task``: set on a merged model first (``set_task``), then the plain HF call."""
-    model.eval()
-    if task is not None:
-        model.set_task(task)
+    hf_common.for_task(model, task)
     correct = count = 0
     for batch in data:
         logits = model(pixel_values=batch["pixel_values"]).logits

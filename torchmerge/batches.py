@@ -76,6 +76,17 @@ class Inputs:
         b = self.batch_size
         return self.rows(torch.arange(n)) if b is not None and b > n else self
 
+    def on_first(self, fn, n: int = 2):
+        """``fn(self.first(n))``, or ``fn(self)`` when that raises a :class:`TorchMergeError` (or
+        there are no more samples): cheap when it can be, and an error is always about this call."""
+        small = self.first(n)
+        if small is not self:
+            try:
+                return fn(small)
+            except TorchMergeError:
+                pass  # a model that needs the whole batch (a fixed batch size): retried below
+        return fn(self)
+
     def check_fits(self, model: nn.Module, what: str = "inputs") -> None:
         """Raise a :class:`ShapeError` listing ``model.forward``'s parameters if these do not bind."""
         try:

@@ -217,13 +217,7 @@ def observed_expert(merged, expert: nn.Module, example: Inputs, on_site) -> fx.G
 def _trace_small(expert, example: Inputs, options) -> fx.GraphModule:
     """``trace`` on the batch's first two samples: tracing runs its input once (to record shapes),
     and a whole batch would cost one more forward per task. The whole batch if that fails."""
-    small = example.first(2)
-    if small is not example:
-        try:
-            return trace(expert, small.args, **options)
-        except TorchMergeError:
-            pass
-    return trace(expert, example.args, **options)
+    return example.on_first(lambda x: trace(expert, x.args, **options))
 
 
 class _Observer(nn.Module):

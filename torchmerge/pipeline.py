@@ -115,15 +115,9 @@ def merge(experts, method: str | None = None, base=None, data=None, *, align="au
 
 def _discover(reference, example, leaf_modules, concrete_args):
     """``discover`` on the example's first two samples (capture and verification run their input
-    several times: a whole batch costs that many whole forwards); the whole example if that fails,
-    so an error is always about the user's call."""
-    small = example.first(2)
-    if small is not example:
-        try:
-            return discover(reference, small, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        except TorchMergeError:
-            pass
-    return discover(reference, example, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    several times: a whole batch costs that many whole forwards), the whole example if that fails."""
+    return example.on_first(lambda x: discover(reference, x, leaf_modules=leaf_modules,
+                                               concrete_args=concrete_args))
 
 
 class _Build:

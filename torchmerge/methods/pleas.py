@@ -443,7 +443,7 @@ def _layers(model, x, head_params):
     order, calls = [], Counter()
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear,) + _CONVS + (_BN,)) or is_hf_conv1d(mod):
+        if _is_linear(mod) or isinstance(mod, _CONVS + (_BN,)):
             def hook(_m, _a, _o, name=name):
                 calls[name] += 1
                 if calls[name] == 1:
@@ -517,6 +517,12 @@ def _weight_rows(mod) -> torch.Tensor:
     """The layer's weight as ``[out, in·kernel]`` (a view; Conv1D's is stored transposed)."""
     w = mod.weight.detach()
     return w.T if is_hf_conv1d(mod) else w.reshape(w.shape[0], -1)
+
+
+def _as_weight(mod, rows: torch.Tensor, like: tuple) -> torch.Tensor:
+    """Rows ``[out, in·kernel]`` back in the weight's layout (``like``: its shape past axis 0;
+    a task head may have its own number of outputs)."""
+    return rows.T if is_hf_conv1d(mod) else rows.reshape((rows.shape[0],) + tuple(like[1:]))
 
 
 def _axes(mod) -> tuple:
@@ -641,8 +647,7 @@ class _Fitter:
 
     def _set(self, mod, wa, use_bias):
         with torch.no_grad():
-            w = wa[:, :-1]
-            mod.weight.copy_(w.T if is_hf_conv1d(mod) else w.reshape(mod.weight.shape))
+            mod.weight.copy_(_as_weight(mod, wa[:, :-1], mod.weight.shape))
             if mod.bias is not None:
                 mod.bias.copy_(wa[:, -1] if use_bias else torch.zeros_like(mod.bias))
 
@@ -673,12 +678,8 @@ class _Fitter:
                 wa = self.head_fits[t].get(path)
                 if wa is not None:
                     like = _tensors(self.merged)[p]
-                    if leaf != "weight":
-                        v = wa[:, -1]
-                    elif is_hf_conv1d(self.merged.get_submodule(path)):
-                        v = wa[:, :-1].T
-                    else:  # task t's own number of outputs
-                        v = wa[:, :-1].reshape((wa.shape[0],) + tuple(like.shape[1:]))
+                    v = wa[:, -1] if leaf != "weight" else \
+                        _as_weight(self.merged.get_submodule(path), wa[:, :-1], like.shape)
                     state[p] = v.to(like.dtype).clone()
                 else:
                     v, m = _gather(_tensors(self.experts[t])[p], axes_of.get(p, []), t, self.sources)
