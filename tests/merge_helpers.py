@@ -32,13 +32,17 @@ def perturbed_experts(case, n=2) -> list:
     return out
 
 
-def randomize_sites(model, seed=0) -> None:
-    """Non-identity affines at every site (scales in [0.5, 1.5), shifts ~ N(0, 1))."""
+def randomize_sites(model, seed=0, rank=0) -> None:
+    """Non-identity affines at every site (scales in [0.5, 1.5), shifts ~ N(0, 1)); ``rank``:
+    low-rank maps too (``up`` ~ N(0, 0.3²), so they change the outputs)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for site in model.sites().values():
             site.scale.copy_(0.5 + torch.rand(site.scale.shape, generator=gen))
             site.shift.copy_(torch.randn(site.shift.shape, generator=gen))
+            if rank:
+                site.add_low_rank(min(rank, site.scale.shape[1]), gen)
+                site.up.copy_(0.3 * torch.randn(site.up.shape, generator=gen))
 
 
 def tiny_bert(num_labels, seed):

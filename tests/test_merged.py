@@ -52,14 +52,16 @@ def _close(a, b, atol=1e-5):
     return torch.allclose(a, b, atol=atol, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [0, 2], ids=["affine", "low_rank"])
 @pytest.mark.parametrize("case", TABLE, ids=str)
-def test_merged_model_invariants(case):
-    """Identity affines = the plain merge; export(t) = task t; mixed batch = per-task runs."""
+def test_merged_model_invariants(case, rank):
+    """Identity affines = the plain merge; export(t) = task t; mixed batch = per-task runs — with
+    per-channel affines, and with low-rank maps at the sites too (``rank``)."""
     merged, experts = _merged(case)
     x = _inputs(case)
     with torch.no_grad():
         assert _close(merged(*x, task=1), _plain_merge(merged, experts, task=1)(*x))
-        _randomize_sites(merged)
+        _randomize_sites(merged, rank=rank)
         for t in range(merged.num_tasks):
             exported = merged.export(task=t).eval()
             assert not any(isinstance(m, (tm.TaskAffine, tm.TaskHeads)) for m in exported.modules())

@@ -12,7 +12,9 @@ Modes
   ``"repair"``       one affine shared by all tasks; targets are the experts' statistics averaged
                      over tasks, the merged statistics are taken on the union of the tasks' data.
   ``"affine+tune"``  ``"affine"``, then a few Adam steps on the affine rows of each task (and its
-                     head, ``tune_heads=True``) that distil expert t's outputs on task t's data.
+                     head, ``tune_heads=True``) that distil expert t's outputs on task t's data;
+                     ``tune_rank=r`` gives each site a per-task rank-r channel map to tune too
+                     (:meth:`TaskAffine.add_low_rank`: a low-rank adapter per task and site).
 
 Progressive, in two merged passes and one expert pass per task: downstream sites see upstream
 corrections. Pass 1 runs the expert and the merged model on each batch in turn and refits every
@@ -58,7 +60,7 @@ MODES = ("affine", "repair", "affine+tune")
 def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
               allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
               tune_steps: int = 100, tune_lr: float = 1e-2, tune_loss: str = "kl",
-              tune_heads: bool = False, progress: bool | None = None) -> dict:
+              tune_heads: bool = False, tune_rank: int = 0, progress: bool | None = None) -> dict:
     """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
 
     ``experts``: one per task — the experts given to ``tm.merge`` (permuted here into the merged
@@ -70,7 +72,7 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
     when stderr is a terminal; see :mod:`torchmerge.progress`).
     """
     options = dict(passes=passes, eps=eps, tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
-                   tune_heads=tune_heads, progress=progress)
+                   tune_heads=tune_heads, tune_rank=tune_rank, progress=progress)
     experts, data, permuted = validate.calibrate_arguments(merged, experts, data, mode, max_batches,
                                                            allow_uncorrected, options)
     report = fit_affines(merged, experts, data, mode, max_batches=max_batches,
@@ -83,17 +85,17 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
 def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None,
                 allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
                 tune_steps: int = 100, tune_lr: float = 1e-2, tune_loss: str = "kl",
-                tune_heads: bool = False, progress: bool | None = None) -> dict:
+                tune_heads: bool = False, tune_rank: int = 0, progress: bool | None = None) -> dict:
     """:func:`calibrate` on checked arguments and aligned experts (what ``tm.merge`` calls)."""
     with using(progress):
         return _fit_affines(merged, experts, data, mode, max_batches=max_batches,
                             allow_uncorrected=allow_uncorrected, passes=passes, eps=eps,
                             tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
-                            tune_heads=tune_heads)
+                            tune_heads=tune_heads, tune_rank=tune_rank)
 
 
 def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected, passes, eps,
-                 tune_steps, tune_lr, tune_loss, tune_heads) -> dict:
+                 tune_steps, tune_lr, tune_loss, tune_heads, tune_rank) -> dict:
     experts, data = list(experts), list(data) if data is not None else [None] * merged.num_tasks
     missing = [merged.task_names[t] for t, d in enumerate(data) if d is None]
     if missing and not allow_uncorrected:
@@ -114,6 +116,8 @@ def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected,
                     report["tasks"][name] = _fit_task(merged, expert, batches, t, **opts,
                                                       what=f"calibrate {mode}: {name}")
         if mode == "affine+tune":
+            if tune_rank:
+                report["low_rank"] = _add_low_rank(merged, tune_rank)
             for t, (expert, batches) in enumerate(zip(experts, data)):
                 if batches is not None:
                     with stage(f"calibrate {mode}: {merged.task_names[t]} tune"):
@@ -124,18 +128,37 @@ def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected,
     return report
 
 
+def _add_low_rank(merged, rank: int) -> dict:
+    """Give every site without one a rank-``min(rank, channels)`` map per task (seeded: the same
+    model each run); return the rank and the tuned parameters per task it makes."""
+    generator = torch.Generator().manual_seed(0)
+    for name, site in merged.sites().items():
+        want = min(rank, site.scale.shape[1])
+        if site.rank == 0:
+            site.add_low_rank(want, generator)
+        elif site.rank != want:
+            raise TorchMergeError(f"site {name!r} has rank-{site.rank} maps already (from an earlier tune); "
+                                  f"tune it with tune_rank={site.rank}, or build the merged model anew")
+    per_task = sum(p[0].numel() for s in merged.sites().values() for p in (s.scale, s.shift, s.down, s.up))
+    return {"rank": rank, "tuned_parameters_per_task": per_task}
+
+
 @contextlib.contextmanager
 def _restored_on_error(merged):
     """Snapshot the task parameters (affine sites and heads: all that fitting writes); put them
-    back if anything raises, so a failed calibration leaves no half-fitted model."""
+    back, and drop low-rank maps added meanwhile, if anything raises: a failed calibration leaves
+    no half-fitted model."""
     params = list(merged.task_parameters())
     saved = [p.detach().clone() for p in params]
+    plain = [site for site in merged.sites().values() if site.rank == 0]
     try:
         yield
     except BaseException:
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
+        for site in plain:
+            site.down = site.up = None
         raise
 
 
@@ -347,9 +370,12 @@ def affine_fit(merged: Moments, target_mean, target_var, eps: float) -> tuple:
 
 
 def _set_rows(site: TaskAffine, rows, scale, shift) -> None:
+    """Set the affine of ``rows``; their low-rank maps restart at zero (the fit is of the affine alone)."""
     with torch.no_grad():
         site.scale[rows] = scale.to(site.scale)
         site.shift[rows] = shift.to(site.shift)
+        if site.up is not None:
+            site.up[rows] = 0
 
 
 def _fit_task(merged, expert, batches, t, *, max_batches, passes, eps, progress, what="") -> dict:
@@ -462,13 +488,15 @@ class _Interleaved:
 
 def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=False,
          max_batches=None) -> float:
-    """Adam steps on task ``task``'s affine rows (and head) distilling ``expert``'s outputs.
+    """Adam steps on task ``task``'s affine rows (and low-rank maps, and head) distilling
+    ``expert``'s outputs.
 
     No labels are used. ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K];
     ``"mse"``: mean squared error for any output. Returns the mean loss of the last 10 steps.
     """
     t = merged.task_index(task)
-    params = [p for site in merged.sites().values() for p in (site.scale, site.shift)]
+    params = [p for site in merged.sites().values() for p in (site.scale, site.shift, site.down, site.up)
+              if p is not None]
     if heads:
         params += [p for h in merged.heads().values() for p in h.heads[t].parameters()]
     device = _device(merged)

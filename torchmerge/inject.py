@@ -264,7 +264,7 @@ class InjectedModel(MergedModel):
             _set_submodule(out, path, copy.deepcopy(heads.heads[t]))
         for site in self.sites().values():
             _fold_or_fix(out, site.site_module, site.scale[t].detach(), site.shift[t].detach(),
-                         site.channel_axis)
+                         site.channel_axis, site.low_rank_of(t))
         for (path, in_config, attr), value in self._task_attrs[t].items():
             owner = out.get_submodule(path)
             setattr(owner.config if in_config else owner, attr, copy.deepcopy(value))
@@ -475,11 +475,11 @@ def _remove_hooks(model: nn.Module) -> None:
         del model._load_state_dict_post_hooks[hid]
 
 
-def _fold_or_fix(model: nn.Module, path: str, scale, shift, axis: int) -> None:
+def _fold_or_fix(model: nn.Module, path: str, scale, shift, axis: int, low_rank=None) -> None:
     module = model.get_submodule(path)
-    if not _shares_params(model, module) and fold_affine(module, scale, shift):
+    if not _shares_params(model, module) and fold_affine(module, scale, shift, low_rank):
         return
-    module.add_module(EXPORTED_AFFINE, ChannelAffine(scale, shift, axis))
+    module.add_module(EXPORTED_AFFINE, ChannelAffine(scale, shift, axis, low_rank))
     module.register_forward_hook(FixedAffineHook())
 
 

@@ -167,6 +167,7 @@ def load(path, model: nn.Module, example_inputs=None) -> MergedModel:
     tensors = _read_weights(folder, manifest, _device_or_cpu(model))
     builder = _load_injected if manifest["build"] == "inject" else _load_graph
     merged = builder(manifest, tensors, model, example_inputs)
+    _add_saved_ranks(merged, manifest)
     _check_sites(merged, manifest)
     _load_strict(merged, tensors, manifest)
     merged.train(manifest["training"])
@@ -408,6 +409,14 @@ def _trace_options(entry: dict, model: nn.Module) -> dict:
             leaves.append(classes[leaf["class"]])
     concrete = entry.get("concrete_args")
     return {"leaf_modules": tuple(leaves), "concrete_args": None if concrete is None else decode(concrete)}
+
+
+def _add_saved_ranks(merged: MergedModel, manifest: dict) -> None:
+    """Low-rank maps (from ``tune_rank``) on the sites the manifest gives a rank (matched by name)."""
+    ranks = {s["name"]: s.get("rank", 0) for s in manifest["sites"]}
+    for name, site in merged.sites().items():
+        if ranks.get(name, 0):
+            site.add_low_rank(ranks[name])
 
 
 def _check_sites(merged: MergedModel, manifest: dict) -> None:

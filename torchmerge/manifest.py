@@ -83,8 +83,9 @@ def _heads_entry(merged: MergedModel) -> dict:
 
 def site_entry(name: str, site) -> dict:
     """What the manifest records of one TaskAffine site (``load`` checks the rebuilt sites against it)."""
-    return {"name": name, "channels": site.scale.shape[1], "channel_axis": site.channel_axis,
-            "node": site.site_node, "module": site.site_module, "norm": site.norm_path}
+    entry = {"name": name, "channels": site.scale.shape[1], "channel_axis": site.channel_axis,
+             "node": site.site_node, "module": site.site_module, "norm": site.norm_path}
+    return {**entry, "rank": site.rank} if site.rank else entry  # older manifests: no low-rank maps
 
 
 def _example_entry(merged: GraphMergedModel, example_inputs) -> dict:
@@ -292,7 +293,8 @@ def _check_fields(manifest: dict, file: Path) -> None:
             or len(heads["shapes"]) != len(manifest.get("task_names") or ()):
         bad.append("heads")
     site_keys = ("name", "channels", "channel_axis", "node", "module", "norm")
-    if not all(isinstance(s, dict) and all(k in s for k in site_keys) for s in manifest.get("sites") or ()):
+    if not all(isinstance(s, dict) and all(k in s for k in site_keys)
+               and type(s.get("rank", 0)) is int and s.get("rank", 0) >= 0 for s in manifest.get("sites") or ()):
         bad.append("sites")
     if not isinstance(weights, dict) or weights.get("file") != WEIGHTS or not isinstance(weights.get("sha256"), str) \
             or not isinstance(weights.get("bytes"), int) or not isinstance(weights.get("aliases"), dict):

@@ -59,6 +59,11 @@ class TaskAffine(nn.Module):
     (its kernel beats a broadcast ``addcmul`` on small maps), an ``addcmul`` with per-sample rows
     for a mixed batch. ``observe`` (an identity) sees the tensor the affine acts on, for hooks;
     ``fuse = False`` forces the two-step path (calibration uses it).
+
+    ``add_low_rank(r)`` gives every task a rank-``r`` channel map on top, ``y += (x·down[t])·up[t]``
+    over the channel axis (``down`` ``[T, C, r]``, ``up`` ``[T, r, C]``; ``up`` starts at zero, so
+    outputs are unchanged until ``correction="affine+tune"`` trains it): a per-task low-rank
+    adapter, the capacity the per-channel affine lacks where experts differ by more than a scale.
     """
 
     def __init__(self, num_tasks: int, channels: int, channel_axis: int = 1, dtype=None, device=None):
@@ -72,6 +77,31 @@ class TaskAffine(nn.Module):
         self.observe = nn.Identity()
         self.scale = nn.Parameter(torch.ones(num_tasks, channels, dtype=dtype, device=device))
         self.shift = nn.Parameter(torch.zeros(num_tasks, channels, dtype=dtype, device=device))
+        self.down = self.up = None  # the low-rank maps, once add_low_rank is called
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else self.down.shape[2]
+
+    def add_low_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Give every task a rank-``rank`` channel map (``up`` zero: the site's outputs do not change).
+
+        >>> site = TaskAffine(2, 8, channel_axis=-1); x = torch.randn(3, 8)
+        >>> site.add_low_rank(2); torch.equal(site(x, 1), x), tuple(site.down.shape)
+        (True, (2, 8, 2))
+        """
+        tasks, channels = self.scale.shape
+        if not 0 < rank <= channels:
+            raise TorchMergeError(f"low-rank site maps need 0 < rank <= channels ({channels}), got {rank}")
+        if self.down is not None:
+            raise TorchMergeError(f"this site has rank-{self.rank} maps already")
+        down = torch.randn(tasks, channels, rank, generator=generator) / channels ** 0.5
+        self.down = nn.Parameter(down.to(self.scale))
+        self.up = nn.Parameter(torch.zeros(tasks, rank, channels, dtype=self.scale.dtype, device=self.scale.device))
+
+    def low_rank_of(self, task: int):
+        """``(down [C, r], up [r, C])`` of one task (detached), or None without low-rank maps."""
+        return None if self.down is None else (self.down[task].detach(), self.up[task].detach())
 
     def absorb_norm(self, norm: nn.Module, path: str) -> None:
         """Run ``norm`` (a BatchNorm with running statistics, owned elsewhere) before the affine."""
@@ -81,7 +111,7 @@ class TaskAffine(nn.Module):
     def forward(self, x: torch.Tensor, task) -> torch.Tensor:
         norm = self._norm
         if norm is not None:
-            if self.fuse and not norm.training:
+            if self.fuse and not norm.training and self.down is None:
                 fused = self._fused if isinstance(task, int) else self._fused_rows
                 return fused(x, norm, task)
             x = norm(x)
@@ -91,7 +121,8 @@ class TaskAffine(nn.Module):
                                   f"{self.channel_axis}, got input of shape {tuple(x.shape)}")
         scale = _broadcast_rows(self.scale, task, x.dim(), self.channel_axis)
         shift = _broadcast_rows(self.shift, task, x.dim(), self.channel_axis)
-        return torch.addcmul(shift, x, scale)  # one fused pass (mul_ + add_ in place is two)
+        y = torch.addcmul(shift, x, scale)  # one fused pass (mul_ + add_ in place is two)
+        return y if self.down is None else y + low_rank_map(x, self.down, self.up, task, self.channel_axis)
 
     def _fused(self, x, norm, task):
         """scale·BN(x) + shift = batch_norm(x) with weight·scale and bias·scale + shift."""
@@ -118,21 +149,40 @@ class TaskAffine(nn.Module):
 
     def extra_repr(self) -> str:
         t, c = self.scale.shape
-        return f"tasks={t}, channels={c}, channel_axis={self.channel_axis}"
+        rank = f", rank={self.rank}" if self.rank else ""
+        return f"tasks={t}, channels={c}, channel_axis={self.channel_axis}{rank}"
+
+
+def low_rank_map(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, task, axis: int) -> torch.Tensor:
+    """``(x·down[t])·up[t]`` over ``x``'s channel axis; ``task``: an int or one id per sample."""
+    moved = x.movedim(axis, -1)
+    if isinstance(task, int):
+        out = (moved @ down[task]) @ up[task]
+    else:  # per sample: [B, N, C] · [B, C, r] · [B, r, C]
+        ids = task.to(down.device)
+        flat = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+        out = torch.bmm(torch.bmm(flat, down.index_select(0, ids)), up.index_select(0, ids)).view(moved.shape)
+    return out.movedim(-1, axis)
 
 
 class ChannelAffine(nn.Module):
-    """A fixed per-channel affine (what a TaskAffine becomes on export where it cannot be folded)."""
+    """A fixed per-channel affine (what a TaskAffine becomes on export where it cannot be folded),
+    with the task's low-rank map when the site has one (``low_rank``: ``(down [C, r], up [r, C])``)."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_axis: int):
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_axis: int, low_rank=None):
         super().__init__()
         self.channel_axis = channel_axis
         self.scale = nn.Parameter(scale.detach().clone())
         self.shift = nn.Parameter(shift.detach().clone())
+        self.down, self.up = (None, None) if low_rank is None else \
+            (nn.Parameter(low_rank[0].detach().clone()), nn.Parameter(low_rank[1].detach().clone()))
 
     def forward(self, x):
-        return torch.addcmul(_broadcast_rows(self.shift[None], 0, x.dim(), self.channel_axis), x,
-                             _broadcast_rows(self.scale[None], 0, x.dim(), self.channel_axis))
+        y = torch.addcmul(_broadcast_rows(self.shift[None], 0, x.dim(), self.channel_axis), x,
+                          _broadcast_rows(self.scale[None], 0, x.dim(), self.channel_axis))
+        if self.down is None:
+            return y
+        return y + low_rank_map(x, self.down[None], self.up[None], 0, self.channel_axis)
 
 
 def stitch_rows(parts, batch: int):

@@ -265,6 +265,7 @@ def into_module(graph: fx.GraphModule, like: nn.Module) -> nn.Module:
 
 def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     scale, shift = affine.scale[task].detach(), affine.shift[task].detach()
+    low_rank = affine.low_rank_of(task)
     if affine.norm_path is not None:  # the site owns its BatchNorm's call: put the norm back
         with gm.graph.inserting_before(node):
             src = gm.graph.call_module(affine.norm_path, (node.args[0],))
@@ -275,17 +276,24 @@ def _fold_or_fix(gm, node, affine: TaskAffine, task: int, modules) -> None:
     shape = node.meta.get("shape")  # the affine must act on the layer's own output axis to fold
     own = _layer_axis(layer, len(shape)) if shape else affine.channel_axis
     if len(src.users) == 1 and calls == 1 and own == affine.channel_axis \
-            and not _shares_params(gm, layer) and fold_affine(layer, scale, shift):
+            and not _shares_params(gm, layer) and fold_affine(layer, scale, shift, low_rank):
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         return
-    gm.add_submodule(node.target, ChannelAffine(scale, shift, affine.channel_axis))
+    gm.add_submodule(node.target, ChannelAffine(scale, shift, affine.channel_axis, low_rank))
     node.args = node.args[:1]
 
 
 
-def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-    """Fold ``y = scale·layer(x) + shift`` into ``layer``'s parameters in place; False if impossible."""
+def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor, low_rank=None) -> bool:
+    """Fold ``y = scale·layer(x) + shift`` into ``layer``'s parameters in place; False if impossible.
+
+    ``low_rank``: ``(down [C, r], up [r, C])`` of a site's low-rank map, ``y += (layer(x)·down)·up``:
+    the map is then the matrix ``diag(scale) + down·up`` on the output channels, which folds into a
+    Linear, an HF Conv1D or an ungrouped convolution (a norm's per-channel weight cannot hold it).
+    """
+    if low_rank is not None:
+        return _fold_matrix(layer, torch.diag(scale) + low_rank[0] @ low_rank[1], shift)
     with torch.no_grad():
         if isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd)
                                             and not layer.transposed):
@@ -308,6 +316,23 @@ def fold_affine(layer, scale: torch.Tensor, shift: torch.Tensor) -> bool:
             layer.bias.mul_(scale).add_(shift)
             return True
     return False
+
+
+def _fold_matrix(layer, matrix: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Fold ``y = layer(x)·matrix + shift`` (``matrix`` ``[C, C]`` on the output channels)."""
+    with torch.no_grad():
+        if is_hf_conv1d(layer):  # W [in, out]
+            layer.weight.copy_(layer.weight @ matrix)
+        elif isinstance(layer, nn.Linear) or (isinstance(layer, nn.modules.conv._ConvNd)
+                                              and not layer.transposed and layer.groups == 1):
+            layer.weight.copy_(torch.einsum("co,c...->o...", matrix, layer.weight))
+        else:
+            return False
+        channels = matrix.shape[0]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype, device=layer.weight.device))
+        layer.bias.copy_(layer.bias @ matrix + shift)
+    return True
 
 
 def _fold_bias(layer, scale, shift, channels) -> None:

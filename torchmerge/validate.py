@@ -52,7 +52,7 @@ DATA_METHODS = ("regmean", "fisher", "mats", "pleas")
 CALIBRATION_OPTIONS = {
     "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "an int >= 0",
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
-    "progress": "True, False or None",
+    "tune_rank": "an int >= 0", "progress": "True, False or None",
 }
 #: tm.align's tuning options and what each must be (``alignment=`` of tm.merge).
 ALIGNMENT_OPTIONS = {"max_iter": "an int >= 1", "probes_per_group": "an int >= 1"}
@@ -378,11 +378,12 @@ def check_calibration_values(options: Mapping) -> None:
         "tune_lr": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
         "tune_loss": lambda v: v in ("kl", "mse"),
         "tune_heads": lambda v: isinstance(v, bool),
+        "tune_rank": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "progress": lambda v: v is None or isinstance(v, bool),
     }
     for key, value in options.items():
         if key in checks and not checks[key](value):
-            ints = key in ("passes", "tune_steps")
+            ints = key in ("passes", "tune_steps", "tune_rank")
             right_type = (isinstance(value, int) and not isinstance(value, bool) if ints
                           else _is_number(value) if key in ("eps", "tune_lr")
                           else isinstance(value, str) if key == "tune_loss" else False)

@@ -1,0 +1,194 @@
+"""Low-rank maps at the sites (``calibration={"tune_rank": r}``): the formula, folding on export,
+save/load, and what calibration does with them. The export / mixed-batch invariants over every
+architecture of the table run in test_merged.py (``rank=2``)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchmerge as tm
+from torchmerge.rewrite import fold_affine
+
+
+def _reference(site, x, t):
+    """scale·x + shift + (x·down)·up over the channel axis, written out with einsum."""
+    xm = x.movedim(site.channel_axis, -1)
+    y = xm * site.scale[t] + site.shift[t] + torch.einsum("...c,cr,rd->...d", xm, site.down[t], site.up[t])
+    return y.movedim(-1, site.channel_axis)
+
+
+@pytest.mark.parametrize("axis, shape", [(1, (4, 6, 3, 3)), (-1, (4, 5, 6))])
+def test_task_affine_low_rank_matches_the_formula(axis, shape):
+    site = tm.TaskAffine(3, 6, channel_axis=axis)
+    x = torch.randn(shape)
+    site.add_low_rank(2, torch.Generator().manual_seed(0))
+    assert torch.equal(site(x, 1), x)  # up starts at zero
+    with torch.no_grad():
+        for p in (site.scale, site.shift, site.up):
+            p.copy_(torch.randn(p.shape))
+    for t in range(3):
+        assert torch.allclose(site(x, t), _reference(site, x, t), atol=1e-5)
+    ids = torch.tensor([2, 0, 1, 2])
+    mixed = site(x, ids)
+    for i, t in enumerate(ids.tolist()):
+        assert torch.allclose(mixed[i], _reference(site, x[i:i + 1], t)[0], atol=1e-5)
+
+
+def test_add_low_rank_refuses_bad_ranks():
+    site = tm.TaskAffine(2, 4)
+    with pytest.raises(tm.TorchMergeError, match=r"0 < rank <= channels \(4\), got 5"):
+        site.add_low_rank(5)
+    site.add_low_rank(4)
+    with pytest.raises(tm.TorchMergeError, match="rank-4 maps already"):
+        site.add_low_rank(2)
+
+
+def _hf_conv1d():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    return Conv1D(4, 5)
+
+
+@pytest.mark.parametrize("make, x, axis", [
+    (lambda: nn.Linear(5, 4), torch.randn(3, 5), -1),
+    (lambda: nn.Linear(5, 4, bias=False), torch.randn(2, 3, 5), -1),
+    (lambda: nn.Conv2d(3, 4, 3), torch.randn(2, 3, 6, 6), 1),
+    (_hf_conv1d, torch.randn(2, 3, 5), -1),
+], ids=["linear", "linear_no_bias", "conv2d", "hf_conv1d"])
+def test_fold_low_rank_keeps_function(make, x, axis):
+    """Folding scale, shift and the low-rank map into the layer = the layer, then the map."""
+    layer = make().eval()
+    site = tm.TaskAffine(1, 4, channel_axis=axis)
+    site.add_low_rank(2)
+    with torch.no_grad():
+        for p in (site.scale, site.shift, site.up):
+            p.copy_(torch.randn(p.shape))
+        want = _reference(site, layer(x), 0)
+        folded = copy.deepcopy(layer)
+        assert fold_affine(folded, site.scale[0], site.shift[0], site.low_rank_of(0))
+        assert torch.allclose(folded(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, groups=2), nn.ConvTranspose2d(3, 4, 2)],
+                         ids=["norm", "grouped_conv", "conv_transpose"])
+def test_low_rank_does_not_fold_where_channels_cannot_mix(layer):
+    before = copy.deepcopy(layer.state_dict())
+    assert not fold_affine(layer, torch.ones(4), torch.zeros(4), (torch.randn(4, 2), torch.randn(2, 4)))
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
+def _setting(seed=0):
+    """Two experts that differ by a rotation of the hidden units' outputs (an affine cannot undo
+    the merge of those), with task data."""
+    torch.manual_seed(seed)
+    def net():
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    experts = [net(), net()]
+    data = [[torch.randn(32, 6) for _ in range(3)] for _ in experts]
+    return experts, data
+
+
+def _merge(experts, data, **calibration):
+    return tm.merge(experts, method="average", data=data, align=None, correction="affine+tune",
+                    calibration={"tune_steps": 30, **calibration}).eval()
+
+
+def _kl(merged, experts, data):
+    total = 0.0
+    with torch.no_grad():
+        for t, (e, batches) in enumerate(zip(experts, data)):
+            for x in batches:
+                total += float(torch.nn.functional.kl_div(merged(x, task=t).log_softmax(-1),
+                                                          e(x).log_softmax(-1), log_target=True,
+                                                          reduction="batchmean"))
+    return total
+
+
+def test_tune_rank_tunes_maps_and_reports_their_cost():
+    experts, data = _setting()
+    plain, low_rank = _merge(experts, data), _merge(experts, data, tune_rank=4)
+    sites = low_rank.sites()
+    assert [s.rank for s in sites.values()] == [4] * len(sites) and all(s.rank == 0 for s in plain.sites().values())
+    assert all(float(s.up.detach().abs().max()) > 0 for s in sites.values())
+    per_task = sum(2 * s.scale.shape[1] + 2 * 4 * s.scale.shape[1] for s in sites.values())
+    assert low_rank.info["calibration"]["low_rank"] == {"rank": 4, "tuned_parameters_per_task": per_task}
+    assert _kl(low_rank, experts, data) < _kl(plain, experts, data)  # more capacity, a closer fit
+
+
+def test_tune_rank_is_capped_at_the_channels():
+    experts, data = _setting()
+    merged = _merge(experts, data, tune_rank=64)
+    assert {s.rank for s in merged.sites().values()} == {s.scale.shape[1] for s in merged.sites().values()}
+
+
+def test_affine_calibration_after_tuning_resets_the_maps():
+    """An affine fit is of the affine alone: recalibrating a tuned model gives the plain affine merge."""
+    experts, data = _setting()
+    affine = tm.merge(experts, method="average", data=data, align=None, correction="affine").eval()
+    tuned = _merge(experts, data, tune_rank=4)
+    tm.calibrate(tuned, experts, data, mode="affine")
+    assert all(float(s.up.detach().abs().max()) == 0 for s in tuned.sites().values())
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.allclose(tuned(x, task=t), affine(x, task=t), atol=1e-5)
+
+
+def test_tune_with_another_rank_is_refused_and_leaves_the_model_as_it_was():
+    experts, data = _setting()
+    tuned = _merge(experts, data, tune_rank=4)
+    before = copy.deepcopy(tuned.state_dict())
+    with pytest.raises(tm.TorchMergeError, match=r"rank-4 maps already .*tune_rank=4"):
+        tm.calibrate(tuned, experts, data, mode="affine+tune", tune_rank=2)
+    after = tuned.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_a_failed_tune_drops_the_maps_it_added(monkeypatch):
+    experts, data = _setting()
+    merged = tm.merge(experts, method="average", data=data, align=None, correction="affine").eval()
+    before = copy.deepcopy(merged.state_dict())
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(tm.correct, "tune", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tm.calibrate(merged, experts, data, mode="affine+tune", tune_rank=4)
+    assert all(s.rank == 0 for s in merged.sites().values())
+    after = merged.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_tune_rank_values_are_checked(value):
+    experts, data = _setting()
+    with pytest.raises(tm.TorchMergeError, match="tune_rank must be an int >= 0"):
+        _merge(experts, data, tune_rank=value)
+
+
+@pytest.mark.parametrize("build", ["graph", "inject"])
+def test_save_load_round_trips_low_rank_maps(tmp_path, build):
+    experts, data = _setting()
+    merged = tm.merge(experts, method="average", data=data, align=None, correction="affine+tune",
+                      calibration={"tune_steps": 10, "tune_rank": 3}, build=build).eval()
+    merged.save(tmp_path)
+    loaded = tm.load(tmp_path, copy.deepcopy(experts[0])).eval()
+    assert [s.rank for s in loaded.sites().values()] == [3] * len(merged.sites())
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        for t in range(2):
+            assert torch.equal(loaded(x, task=t), merged(x, task=t))
+
+
+def test_load_refuses_a_malformed_rank(tmp_path):
+    experts, data = _setting()
+    _merge(experts, data, tune_steps=5, tune_rank=2).save(tmp_path)
+    path = tmp_path / "torchmerge.json"
+    manifest = json.loads(path.read_text())
+    manifest["sites"][0]["rank"] = "two"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(tm.TorchMergeError, match="sites"):
+        tm.load(tmp_path, copy.deepcopy(experts[0]))
