@@ -49,11 +49,15 @@ FULL = dict(task_bytes=240_000, pretrain_epochs=2, finetune_epochs=3, calib_batc
             settings=[("task_arithmetic", "weight", None), ("task_arithmetic", "weight", "affine"),
                       ("tall", "weight", None), ("tall", "weight", "affine"), ("tall", "weight", "affine+tune"),
                       ("tall", "activation", None), ("tall", "activation", "affine"),
-                      ("tall", "activation", "affine+tune"),
+                      ("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 0}}),
+                      ("tall", "activation", "affine+tune"),  # tune_rank="auto": 8 on a transformer
                       ("tall", "activation", "affine+tune", {"calibration": {"tune_heads": True}})]
+            + [("tall", "activation", "affine+tune", {"calibration": dict(tune_steps=600, **extra)})
+               for extra in ({}, {"tune_rank": 16}, {"tune_heads": True})]
             + [("pleas", None, None, {"width": w}) for w in (1.0, 1.5, 2.0)])
 QUICK = dict(task_bytes=60_000, pretrain_epochs=2, finetune_epochs=2, calib_batches=4,
              settings=[("task_arithmetic", "weight", None), ("tall", "activation", "affine"),
+                       ("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 0}}),
                        ("tall", "activation", "affine+tune")])
 
 
@@ -161,8 +165,8 @@ def merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl, opti
     return _row(label, str(align), str(correction),
                 [perplexity(merged, te, task=t.name) for t, te in zip(TASKS, test_sets)], expert_ppl,
                 seconds=round(time.perf_counter() - t0, 1),
-                affine_parameters_per_task=0 if correction is None else
-                sum(2 * site.scale.shape[1] for site in merged.sites().values()))
+                site_parameters_per_task=0 if correction is None else  # affines (and low-rank maps)
+                sum(p[0].numel() for site in merged.sites().values() for p in site.parameters()))
 
 
 def _row(method, align, correction, ppl, expert_ppl, **extra) -> dict:

@@ -44,7 +44,8 @@ FULL = dict(pretrain_epochs=4, finetune_epochs=6, train_limit=None, calib_batche
             settings=[(m, "weight", c) for m in ("average", "task_arithmetic", "ties", "tall")
                       for c in (None, "affine")]
             + [(m, a, c) for m in ("task_arithmetic", "tall") for a in (None, "activation") for c in (None, "affine")]
-            + [("tall", a, "affine+tune") for a in (None, "weight", "activation")]
+            + [("tall", a, "affine+tune") for a in (None, "weight", "activation")]  # tune_rank "auto": 8
+            + [("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 0}})]
             + [("pleas", None, None, {"width": w}) for w in (1.0, 1.5, 2.0)],
             routes=[(a, w) for a in (None, "weight", "activation") for w in (0, 1)])
 QUICK = dict(pretrain_epochs=3, finetune_epochs=3, train_limit=1500, calib_batches=4,

@@ -162,10 +162,10 @@ def test_a_failed_tune_drops_the_maps_it_added(monkeypatch):
     assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True])
+@pytest.mark.parametrize("value", [-1, 1.5, True, "full"])
 def test_tune_rank_values_are_checked(value):
     experts, data = _setting()
-    with pytest.raises(tm.TorchMergeError, match="tune_rank must be an int >= 0"):
+    with pytest.raises(tm.TorchMergeError, match='tune_rank must be "auto" or an int >= 0'):
         _merge(experts, data, tune_rank=value)
 
 
@@ -192,3 +192,30 @@ def test_load_refuses_a_malformed_rank(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(tm.TorchMergeError, match="sites"):
         tm.load(tmp_path, copy.deepcopy(experts[0]))
+
+
+class _TinyEncoder(nn.Module):
+    """A transformer layer of plain torch modules (an nn.MultiheadAttention: "auto" sees a transformer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(6, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp, self.head = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h + self.mlp(h)).mean(1)
+
+
+def test_auto_rank_tunes_low_rank_maps_on_transformers_only():
+    torch.manual_seed(0)
+    encoders = [_TinyEncoder().eval() for _ in range(2)]
+    seqs = [[torch.randn(8, 5, 6) for _ in range(2)] for _ in encoders]
+    merged = tm.merge(encoders, method="average", data=seqs, align=None, correction="affine+tune",
+                      calibration={"tune_steps": 5})
+    want = {min(tm.correct.AUTO_TUNE_RANK, s.scale.shape[1]) for s in merged.sites().values()}
+    assert {s.rank for s in merged.sites().values()} == want and merged.info["calibration"]["low_rank"]["rank"] == 8
+    experts, data = _setting()
+    mlp = _merge(experts, data, tune_steps=5)
+    assert all(s.rank == 0 for s in mlp.sites().values()) and "low_rank" not in mlp.info["calibration"]

@@ -20,7 +20,7 @@ from .rewrite import build_graph, head_modules
 from .spec import PermutationSpec, permute
 from .stats import layer_input_grams
 from .task_weights import TaskWeights
-from .tree import device_of, fit_sizes, under as _under
+from .tree import device_of, fit_sizes, has_attention, under as _under
 
 CORRECTIONS = validate.CORRECTIONS
 BUILDS = validate.BUILDS
@@ -194,15 +194,8 @@ def _resolved_align(align, experts, data):
     if align != "auto":
         return align
     models = experts if isinstance(experts, (list, tuple)) else []
-    transformer = bool(models) and isinstance(models[0], nn.Module) and _has_attention(models[0])
+    transformer = bool(models) and isinstance(models[0], nn.Module) and has_attention(models[0])
     return "activation" if transformer and data is not None else "weight"
-
-
-def _has_attention(model: nn.Module) -> bool:
-    """An ``nn.MultiheadAttention`` or a module class named ``*Attention`` (the Hugging Face, timm
-    and torchvision convention: BertSelfAttention, GPT2Attention, LlamaAttention, ...)."""
-    return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
-               for m in model.modules())
 
 
 def _default_method(method, base, data):

@@ -73,3 +73,11 @@ def is_hf_conv1d(module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
         and getattr(module, "bias", None) is not None and getattr(module, "weight", None) is not None \
         and module.weight.dim() == 2
+
+
+def has_attention(model: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` or a module class named ``*Attention`` (the Hugging Face, timm
+    and torchvision convention: BertSelfAttention, GPT2Attention, LlamaAttention, ...): what the
+    ``"auto"`` defaults call a transformer."""
+    return any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+               for m in model.modules())

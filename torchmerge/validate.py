@@ -52,7 +52,7 @@ DATA_METHODS = ("regmean", "fisher", "mats", "pleas")
 CALIBRATION_OPTIONS = {
     "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "an int >= 0",
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
-    "tune_rank": "an int >= 0", "progress": "True, False or None",
+    "tune_rank": "\"auto\" or an int >= 0", "progress": "True, False or None",
 }
 #: tm.align's tuning options and what each must be (``alignment=`` of tm.merge).
 ALIGNMENT_OPTIONS = {"max_iter": "an int >= 1", "probes_per_group": "an int >= 1"}
@@ -378,7 +378,7 @@ def check_calibration_values(options: Mapping) -> None:
         "tune_lr": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
         "tune_loss": lambda v: v in ("kl", "mse"),
         "tune_heads": lambda v: isinstance(v, bool),
-        "tune_rank": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "tune_rank": lambda v: (isinstance(v, str) and v == "auto") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
         "progress": lambda v: v is None or isinstance(v, bool),
     }
     for key, value in options.items():
