@@ -15,16 +15,19 @@ The language-model counterpart of ``examples/hf_vit_mnist.py``:
 - merging: ``tm.merge(experts, method, base=[pretraining of each expert], data=[dict batches of
   input_ids per task], align, correction, heads=["lm_head"])``: one LM head per task (GPT-2 ties it
   to the input embedding, which is merged). The merged model is still a ``GPT2LMHeadModel``; each
-  task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``; PLeaS rows
-  (``method="pleas"``, widths 1, 1.5 and 2: only the MLPs can widen) need no correction.
+  task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``; the
+  ``affine+tune`` rows distil each expert into its task's correction — affines alone
+  (``tune_rank=0``), with rank-8 low-rank maps at every site (the default on transformers), rank
+  16, the LM heads too, 100 or 600 steps; PLeaS rows (``method="pleas"``, widths 1, 1.5 and 2:
+  only the MLPs can widen) need no correction.
 
 Metric: perplexity on each task's held-out windows; *normalized* = mean over tasks of expert
 perplexity / merged perplexity (1.0: as good as each task's own expert). The pretraining of each
 task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
 
 Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
-[--out hf-gpt2-demo/results.json] (needs transformers; about 12 min on two CPU threads — PLeaS
-and activation matching are the slow rows —, ``--quick`` about 1 min)
+[--out hf-gpt2-demo/results.json] (needs transformers; about 13 min on two CPU threads — the
+600-step tuning rows, PLeaS and activation matching are the slow ones —, ``--quick`` about 1 min)
 """
 from __future__ import annotations
 

@@ -344,7 +344,7 @@ def _keyword_experts():
 def test_keyword_model_with_output_object(sites, correction):
     experts, data = _keyword_experts(), _keyword_data()
     merged = tm.merge(experts, method="ties", data=data, align=None, heads=["head"], sites=sites,
-                      correction=correction, calibration={"tune_steps": 5})
+                      correction=correction, calibration={"tune_steps": 5} if correction == "affine+tune" else None)
     assert merged.info["build"] == "inject" and isinstance(merged, KeywordNet)
     batch = {k: v for k, v in data[1][0].items() if k != "labels"}
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -219,3 +220,17 @@ def test_auto_rank_tunes_low_rank_maps_on_transformers_only():
     experts, data = _setting()
     mlp = _merge(experts, data, tune_steps=5)
     assert all(s.rank == 0 for s in mlp.sites().values()) and "low_rank" not in mlp.info["calibration"]
+
+
+def test_tune_options_without_tuning_warn():
+    """tune_* options with a correction that fits but does not tune would do nothing: said, in
+    tm.merge and in tm.calibrate (where only values other than the defaults count)."""
+    experts, data = _setting()
+    with pytest.warns(UserWarning, match=r"tune_rank, tune_steps only act with correction='affine\+tune'"):
+        merged = tm.merge(experts, method="average", data=data, align=None, correction="affine",
+                          calibration={"tune_steps": 5, "tune_rank": 2})
+    with pytest.warns(UserWarning, match="tune_rank only act with"):
+        tm.calibrate(merged, experts, data, mode="repair", tune_rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tm.calibrate(merged, experts, data, mode="affine")

@@ -36,6 +36,7 @@ Pass 2 re-measures the merged statistics with those affines in place and refits
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 
 import torch
@@ -57,8 +58,8 @@ from .tree import device_of as _device, has_attention
 
 MODES = ("affine", "repair", "affine+tune")
 #: the rank ``tune_rank="auto"`` gives transformers (low-rank maps per task at every site): on the
-#: non-local HF ViT and GPT-2 experts of docs/results.md rank 8 lifted affine+tune from 0.973 to
-#: 0.987 and from 0.573 to 0.799 of the experts at the same 100 steps; on the demo CNN it did not
+#: non-local HF ViT and GPT-2 experts of docs/results.md rank 8 lifted affine+tune from 0.971 to
+#: 0.993 and from 0.573 to 0.796 of the experts at the same 100 steps; on the demo CNN it did not
 #: help (0.994 → 0.992), so CNNs keep the affines alone.
 AUTO_TUNE_RANK = 8
 
@@ -81,6 +82,8 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
                    tune_heads=tune_heads, tune_rank=tune_rank, progress=progress)
     experts, data, permuted = validate.calibrate_arguments(merged, experts, data, mode, max_batches,
                                                            allow_uncorrected, options)
+    defaults = {k: p.default for k, p in inspect.signature(calibrate).parameters.items()}
+    validate.warn_unused_tune_options(mode, {k: v for k, v in options.items() if v != defaults[k]})
     report = fit_affines(merged, experts, data, mode, max_batches=max_batches,
                          allow_uncorrected=allow_uncorrected, **options)
     if permuted:

@@ -83,7 +83,7 @@ def merge_arguments(experts, method, base, data, *, align, correction, heads, si
     _flag("allow_uncorrected", allow_uncorrected)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ArgumentTypeError(f"seed={seed!r} is a {type(seed).__name__}; pass an int")
-    calibration_options(calibration)
+    warn_unused_tune_options(correction, calibration_options(calibration))
     _check_heads_sites(heads, sites)
     experts = check_models(experts, "experts")
     check_method_kwargs(method, method_kwargs, len(experts))
@@ -337,6 +337,15 @@ def calibration_options(options) -> dict:
     options = _option_dict("calibration", options, CALIBRATION_OPTIONS, own, "{'passes': 3}")
     check_calibration_values(options)
     return options
+
+
+def warn_unused_tune_options(mode, given: Mapping) -> None:
+    """Warn when tune options are given to a correction that fits but does not tune ("affine",
+    "repair"): they would do nothing (``None`` fits nothing at all)."""
+    unused = sorted(k for k in given if k.startswith("tune_"))
+    if unused and mode in ("affine", "repair"):
+        warnings.warn(f"{', '.join(unused)} only act with correction='affine+tune'; correction={mode!r} "
+                      "ignores them", UserWarning, stacklevel=4)
 
 
 def alignment_options(options) -> dict:
@@ -640,6 +649,6 @@ def _eval(model: nn.Module):
 
 
 __all__ = ["merge_arguments", "calibrate_arguments", "check_models", "check_data", "check_batches_fit",
-           "check_method_kwargs", "calibration_options", "alignment_options", "check_calibration_values",
+           "check_method_kwargs", "calibration_options", "warn_unused_tune_options", "alignment_options", "check_calibration_values",
            "check_task_names",
            "check_leaf_modules", "check_max_batches", "CALIBRATION_OPTIONS"]
