@@ -234,3 +234,20 @@ def test_tune_options_without_tuning_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tm.calibrate(merged, experts, data, mode="affine")
+
+
+def test_tune_runs_the_expert_once_per_batch_and_matches_recomputing(monkeypatch):
+    """The expert's logits are kept between passes over the batches: the same tuned model as
+    recomputing them every step, with the expert run once per batch."""
+    experts, data = _setting()
+    calls = []
+    hook = experts[0].register_forward_hook(lambda *a: calls.append(1))
+    kept = _merge(experts, data, tune_steps=12)
+    n_kept = len(calls)
+    monkeypatch.setattr(tm.correct, "TARGET_CACHE_BYTES", 0)
+    calls.clear()
+    recomputed = _merge(experts, data, tune_steps=12)
+    hook.remove()
+    assert len(calls) - n_kept == 12 - len(data[0])  # tuning task 0: 3 runs instead of 12
+    a, b = kept.state_dict(), recomputed.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())

@@ -522,11 +522,12 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
         return float("nan")
     optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
+    targets = _Targets(expert, len(batches_list), steps)
     with _only_trainable(merged, params), _mode([merged, expert], False), torch.enable_grad():
         for step in bar(range(steps), "tune steps"):
-            x = batches_list[step % len(batches_list)]
-            with torch.no_grad():
-                target = logits_of(x.to(_device(expert))(expert))
+            i = step % len(batches_list)
+            x = batches_list[i]
+            target = targets(i, x)
             out = logits_of(_call(merged, x, task=t))
             value = _distill(out, target.to(out), loss)
             optimizer.zero_grad(set_to_none=True)
@@ -534,6 +535,29 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
             optimizer.step()
             losses.append(float(value.detach()))
     return sum(losses[-10:]) / len(losses[-10:])
+
+
+#: expert outputs ``tune`` keeps between its passes over the batches (bytes, all batches together)
+TARGET_CACHE_BYTES = 256 * 2 ** 20
+
+
+class _Targets:
+    """The expert's logits per batch: each batch's computed once and kept while they all fit in
+    :data:`TARGET_CACHE_BYTES` (the expert is in eval mode, so they are the same on every pass;
+    600 steps over 16 batches run the expert 16 times instead of 600), recomputed otherwise."""
+
+    def __init__(self, expert, batches: int, steps: int):
+        self.expert, self.batches, self.reuse = expert, batches, steps > batches
+        self.kept = {}
+
+    def __call__(self, i: int, x: Inputs) -> torch.Tensor:
+        if i in self.kept:
+            return self.kept[i]
+        with torch.no_grad():
+            target = logits_of(x.to(_device(self.expert))(self.expert))
+        if self.reuse and target.numel() * target.element_size() * self.batches <= TARGET_CACHE_BYTES:
+            self.kept[i] = target
+        return target
 
 
 def logits_of(output) -> torch.Tensor:
