@@ -8,6 +8,8 @@ Model: two ``transformers.GPT2LMHeadModel`` (vocabulary 256, 64 positions, width
 per-task rank-8 maps at the 8 sites, ``--steps`` Adam steps over ``--batches`` batches of 32 × 64
 tokens. Kept: the expert runs once per batch; recomputed (``TARGET_CACHE_BYTES = 0``): once per
 step. Timed in alternation (``--repeats`` rounds, median); both end at the same tuned rows (checked).
+Also the inference cost of the maps: a forward of the task-conditioned merged model with rank-8
+maps vs with affines only, on the same batches (``--repeats`` alternating rounds of 5 passes).
 Prints a table and writes ``benchmarks/results/tune.json``. Target: ratio (kept / recomputed) <= 0.85.
 """
 
@@ -57,6 +59,23 @@ def tuned_rows(merged, expert, batches, steps, cache_bytes) -> tuple[float, dict
     return time.perf_counter() - t0, {k: v.clone() for k, v in model.state_dict().items() if k.startswith("task_sites")}
 
 
+def inference_ratio(with_maps, affine_only, batches, repeats) -> float:
+    """Median seconds of 5 no-grad passes over ``batches``, with maps / without (alternating)."""
+    def passes(model):
+        model.set_task(0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(5):
+                for b in batches:
+                    model(**b)
+        return time.perf_counter() - t0
+    times = {"maps": [], "affine": []}
+    for _ in range(repeats):
+        times["maps"].append(passes(with_maps))
+        times["affine"].append(passes(affine_only))
+    return statistics.median(times["maps"]) / statistics.median(times["affine"])
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -72,6 +91,7 @@ def main(argv=None) -> dict:
     batches = [{"input_ids": torch.randint(0, 256, (32, 64), generator=gen).to(device)} for _ in range(args.batches)]
     data = [batches, batches]
     merged = tm.merge(experts, method="average", data=data, align=None, correction="affine", heads=["lm_head"])
+    affine_only = copy.deepcopy(merged)
     for site in merged.sites().values():
         site.add_low_rank(8, torch.Generator().manual_seed(0))
     default = correct.TARGET_CACHE_BYTES
@@ -88,15 +108,18 @@ def main(argv=None) -> dict:
         raise RuntimeError("no site tensors found under task_sites: the benchmark compares nothing")
     same = all(torch.equal(v, recomputed_rows[k]) for k, v in kept_rows.items())
     ratio = statistics.median(kept_s) / statistics.median(recomputed_s)
+    inference = inference_ratio(merged, affine_only, batches, args.repeats)
     result = {"benchmark": "tune: expert logits kept vs recomputed", "device": str(device),
               "threads": args.threads, "steps": args.steps, "batches": args.batches, "repeats": args.repeats,
               "kept_s": [round(s, 2) for s in kept_s], "recomputed_s": [round(s, 2) for s in recomputed_s],
               "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "same_tuned_rows": same,
+              "inference_rank8_over_affine": round(inference, 3),
               "python": platform.python_version(), "torch": torch.__version__}
     print(f"{'variant':<12} {'median s':>9}")
     print(f"{'recomputed':<12} {statistics.median(recomputed_s):>9.2f}")
     print(f"{'kept':<12} {statistics.median(kept_s):>9.2f}")
     print(f"ratio kept / recomputed {ratio:.3f} (target <= {TARGET_RATIO}); same tuned rows: {same}")
+    print(f"inference, merged model with rank-8 maps / with affines only: {inference:.3f}")
     out = HERE / "results" / "tune.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
