@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchmerge as tm
@@ -36,6 +38,28 @@ def test_task_affine_low_rank_matches_the_formula(axis, shape):
     ids = torch.tensor([2, 0, 1, 2])
     mixed = site(x, ids)
     for i, t in enumerate(ids.tolist()):
+        assert torch.allclose(mixed[i], _reference(site, x[i:i + 1], t)[0], atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(tasks=st.integers(1, 3), channels=st.integers(1, 9), ndim=st.integers(2, 4), data=st.data())
+def test_low_rank_formula_over_shapes(tasks, channels, ndim, data):
+    """Any rank, channel axis and tensor rank: the site = the einsum reference, per task and per sample."""
+    rank = data.draw(st.integers(1, channels))
+    axis = data.draw(st.sampled_from([a for a in range(-ndim, ndim) if a % ndim != 0]))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(ndim)]
+    shape[0], shape[axis] = 3, channels
+    site = tm.TaskAffine(tasks, channels, channel_axis=axis)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    site.add_low_rank(rank, gen)
+    with torch.no_grad():
+        for p in (site.scale, site.shift, site.up):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(shape, generator=gen)
+    ids = torch.randint(0, tasks, (3,), generator=gen)
+    mixed = site(x, ids)
+    for i, t in enumerate(ids.tolist()):
+        assert torch.allclose(site(x, t), _reference(site, x, t), atol=1e-5)
         assert torch.allclose(mixed[i], _reference(site, x[i:i + 1], t)[0], atol=1e-5)
 
 
