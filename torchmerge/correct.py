@@ -76,7 +76,10 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
     task — an error unless ``allow_uncorrected=True``, which leaves that task's affines at the
     identity). Arguments are checked before any work (:mod:`torchmerge.validate`); if fitting
     fails partway, the merged model is left as it was. ``progress``: tqdm bars per pass (None:
-    when stderr is a terminal; see :mod:`torchmerge.progress`).
+    when stderr is a terminal; see :mod:`torchmerge.progress`). ``tune_rank`` (``"affine+tune"``):
+    per-task low-rank maps of that rank at every site, tuned with the affines; ``"auto"``:
+    :data:`AUTO_TUNE_RANK` when the experts are transformers, else none (the report's
+    ``"low_rank"`` gives the rank and the parameters per task).
     """
     options = dict(passes=passes, eps=eps, tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
                    tune_heads=tune_heads, tune_rank=tune_rank, progress=progress)
