@@ -8,6 +8,7 @@ import torch
 
 import torchmerge as tm
 from architectures import BY_NAME, randomize_
+from merge_helpers import randomize_sites
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -20,12 +21,16 @@ def _setup(device):
     return experts, data
 
 
-@pytest.mark.parametrize("method", ["ties", "tall", "regmean", "mats"])
-def test_merge_on_cuda_matches_cpu(method):
+@pytest.mark.parametrize("method, rank", [("ties", 0), ("tall", 0), ("regmean", 0), ("mats", 0), ("average", 2)])
+def test_merge_on_cuda_matches_cpu(method, rank):
+    """Task, mixed-batch and exported outputs on the GPU equal the CPU's; ``rank``: with low-rank
+    site maps too (created on the model's device)."""
     outs = {}
     for device in ("cpu", "cuda"):
         experts, data = _setup(device)
         merged = tm.merge(experts, method=method, data=data, correction="affine")
+        if rank:
+            randomize_sites(merged, rank=rank)
         assert all(p.device.type == device for p in merged.parameters())
         x = data[0][0][0]
         with torch.no_grad():
@@ -49,21 +54,3 @@ def test_bfloat16_on_cuda():
     merged = tm.merge(experts, method="task_arithmetic", data=data, correction="affine")
     assert merged(data[0][0][0], task=1).dtype == torch.bfloat16
 
-
-def test_low_rank_maps_on_cuda_match_cpu():
-    """Low-rank site maps created on the model's device; task, mixed-batch and exported outputs
-    on the GPU equal the CPU's."""
-    from merge_helpers import randomize_sites
-
-    outs = {}
-    for device in ("cpu", "cuda"):
-        experts, data = _setup(device)
-        merged = tm.merge(experts, method="average", data=data, correction="affine")
-        randomize_sites(merged, rank=2)
-        assert all(p.device.type == device for site in merged.sites().values() for p in (site.down, site.up))
-        x = data[0][0][0]
-        with torch.no_grad():
-            ids = torch.tensor([0, 1] * 8, device=device)
-            outs[device] = [merged(x, task=0), merged(x, task=ids), merged.export(1)(x)]
-    for a, b in zip(outs["cpu"], outs["cuda"]):
-        torch.testing.assert_close(b.cpu(), a, atol=2e-3, rtol=2e-3)
