@@ -39,6 +39,10 @@ def test_task_affine_low_rank_matches_the_formula(axis, shape):
     mixed = site(x, ids)
     for i, t in enumerate(ids.tolist()):
         assert torch.allclose(mixed[i], _reference(site, x[i:i + 1], t)[0], atol=1e-5)
+    weights = torch.randn(x.shape)  # gradients too (the map is added in place)
+    grads = [torch.autograd.grad((f(site, x, 1) * weights).sum(), list(site.parameters()))
+             for f in (lambda s, v, t: s(v, t), _reference)]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

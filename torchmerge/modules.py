@@ -122,7 +122,8 @@ class TaskAffine(nn.Module):
         scale = _broadcast_rows(self.scale, task, x.dim(), self.channel_axis)
         shift = _broadcast_rows(self.shift, task, x.dim(), self.channel_axis)
         y = torch.addcmul(shift, x, scale)  # one fused pass (mul_ + add_ in place is two)
-        return y if self.down is None else y + low_rank_map(x, self.down, self.up, task, self.channel_axis)
+        # in place: y is addcmul's fresh output, which its backward does not need
+        return y if self.down is None else y.add_(low_rank_map(x, self.down, self.up, task, self.channel_axis))
 
     def _fused(self, x, norm, task):
         """scale·BN(x) + shift = batch_norm(x) with weight·scale and bias·scale + shift."""
@@ -180,9 +181,7 @@ class ChannelAffine(nn.Module):
     def forward(self, x):
         y = torch.addcmul(_broadcast_rows(self.shift[None], 0, x.dim(), self.channel_axis), x,
                           _broadcast_rows(self.scale[None], 0, x.dim(), self.channel_axis))
-        if self.down is None:
-            return y
-        return y + low_rank_map(x, self.down[None], self.up[None], 0, self.channel_axis)
+        return y if self.down is None else y.add_(low_rank_map(x, self.down[None], self.up[None], 0, self.channel_axis))
 
 
 def stitch_rows(parts, batch: int):

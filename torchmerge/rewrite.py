@@ -328,14 +328,17 @@ def _fold_matrix(layer, matrix: torch.Tensor, shift: torch.Tensor) -> bool:
             layer.weight.copy_(torch.einsum("co,c...->o...", matrix, layer.weight))
         else:
             return False
-        channels = matrix.shape[0]
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype, device=layer.weight.device))
-        layer.bias.copy_(layer.bias @ matrix + shift)
+        bias = _bias_of(layer, matrix.shape[0])
+        bias.copy_(bias @ matrix + shift)
     return True
 
 
 def _fold_bias(layer, scale, shift, channels) -> None:
+    _bias_of(layer, channels).mul_(scale).add_(shift)
+
+
+def _bias_of(layer, channels: int) -> torch.Tensor:
+    """``layer.bias``, created as zeros where the layer has none (folding a shift needs one)."""
     if layer.bias is None:
         layer.bias = nn.Parameter(torch.zeros(channels, dtype=layer.weight.dtype, device=layer.weight.device))
-    layer.bias.mul_(scale).add_(shift)
+    return layer.bias
