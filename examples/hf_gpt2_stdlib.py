@@ -17,8 +17,8 @@ The language-model counterpart of ``examples/hf_vit_mnist.py``:
   to the input embedding, which is merged). The merged model is still a ``GPT2LMHeadModel``; each
   task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``; the
   ``affine+tune`` rows distil each expert into its task's correction — affines alone
-  (``tune_rank=0``), with rank-8 low-rank maps at every site (the default on transformers), rank
-  16, the LM heads too, 100 or 600 steps; PLeaS rows (``method="pleas"``, widths 1, 1.5 and 2:
+  (``tune_rank=0``), with rank-8 low-rank maps at every site and 600 steps (the defaults on
+  transformers), 100 steps, the LM heads too, rank 16 (``--quick``: 100 steps); PLeaS rows (``method="pleas"``, widths 1, 1.5 and 2:
   only the MLPs can widen) need no correction.
 
 Metric: perplexity on each task's held-out windows; *normalized* = mean over tasks of expert
@@ -26,7 +26,7 @@ perplexity / merged perplexity (1.0: as good as each task's own expert). The pre
 task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
 
 Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
-[--out hf-gpt2-demo/results.json] (needs transformers; about 13 min on two CPU threads — the
+[--out hf-gpt2-demo/results.json] (needs transformers; about 14 min on two CPU threads — the
 600-step tuning rows, PLeaS and activation matching are the slow ones —, ``--quick`` about 1 min)
 """
 from __future__ import annotations
@@ -48,17 +48,18 @@ from hf_common import train
 WINDOW, BATCH, SEED = 64, 32, 0
 DOCSTRING_MODULES = ("json", "http", "urllib", "logging", "unittest", "collections", "concurrent",
                      "xml", "importlib", "multiprocessing", "sqlite3", "tomllib", "zipfile", "argparse")
-FULL = dict(task_bytes=240_000, pretrain_epochs=2, finetune_epochs=3, calib_batches=16,
+FULL = dict(task_bytes=240_000, pretrain_epochs=2, finetune_epochs=3, calib_batches=16, calibration={},
             settings=[("task_arithmetic", "weight", None), ("task_arithmetic", "weight", "affine"),
                       ("tall", "weight", None), ("tall", "weight", "affine"), ("tall", "weight", "affine+tune"),
                       ("tall", "activation", None), ("tall", "activation", "affine"),
                       ("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 0}}),
-                      ("tall", "activation", "affine+tune"),  # tune_rank="auto": 8 on a transformer
-                      ("tall", "activation", "affine+tune", {"calibration": {"tune_heads": True}})]
-            + [("tall", "activation", "affine+tune", {"calibration": dict(tune_steps=600, **extra)})
-               for extra in ({}, {"tune_rank": 16}, {"tune_heads": True})]
+                      ("tall", "activation", "affine+tune"),  # "auto": rank 8, 600 steps on a transformer
+                      ("tall", "activation", "affine+tune", {"calibration": {"tune_steps": 100}}),
+                      ("tall", "activation", "affine+tune", {"calibration": {"tune_heads": True}}),
+                      ("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 16}})]
             + [("pleas", None, None, {"width": w}) for w in (1.0, 1.5, 2.0)])
 QUICK = dict(task_bytes=60_000, pretrain_epochs=2, finetune_epochs=2, calib_batches=4,
+             calibration={"tune_steps": 100},  # a smoke run: not the 600 steps "auto" gives transformers
              settings=[("task_arithmetic", "weight", None), ("tall", "activation", "affine"),
                        ("tall", "activation", "affine+tune", {"calibration": {"tune_rank": 0}}),
                        ("tall", "activation", "affine+tune")])
@@ -155,16 +156,20 @@ def build_setting(cfg: dict, log=print):
 
 
 def merge_and_evaluate(setting, method, align, correction, cfg, expert_ppl, options=None) -> dict:
-    """One ``tm.merge`` call; ``options``: more of its keyword arguments (PLeaS's ``width``, ...)."""
+    """One ``tm.merge`` call; ``options``: more of its keyword arguments (PLeaS's ``width``, ...),
+    ``calibration`` on top of the run's (``cfg["calibration"]``, not in the row's label)."""
     pre, experts, train_sets, test_sets = setting
     t0 = time.perf_counter()
+    label = method + "".join(f" {k}={v}" for k, v in (options or {}).items())
+    options = dict(options or {})
+    if correction is not None:
+        options["calibration"] = {**cfg["calibration"], **options.get("calibration", {})}
     merged = tm.merge(experts, method=method, base=[pre[t.parent] for t in TASKS], data=train_sets,
                       align=align, correction=correction, heads=["lm_head"],
                       task_names=[t.name for t in TASKS], max_batches=cfg["calib_batches"], seed=SEED,
-                      **(options or {}))
+                      **options)
     if not isinstance(merged, GPT2LMHeadModel):
         raise TypeError(f"the merged model is a {type(merged).__name__}, not a GPT2LMHeadModel")
-    label = method + "".join(f" {k}={v}" for k, v in (options or {}).items())
     return _row(label, str(align), str(correction),
                 [perplexity(merged, te, task=t.name) for t, te in zip(TASKS, test_sets)], expert_ppl,
                 seconds=round(time.perf_counter() - t0, 1),

@@ -279,3 +279,32 @@ def test_tune_runs_the_expert_once_per_batch_and_matches_recomputing(monkeypatch
     assert len(calls) - n_kept == 12 - len(data[0])  # tuning task 0: 3 runs instead of 12
     a, b = kept.state_dict(), recomputed.state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+def test_auto_steps_follow_the_experts_kind(monkeypatch):
+    """tune_steps="auto" (the default): AUTO_TUNE_STEPS' transformer entry for experts with
+    attention, its other entry otherwise; the report gives the number used."""
+    monkeypatch.setattr(tm.correct, "AUTO_TUNE_STEPS", {"transformer": 7, "other": 3})
+    torch.manual_seed(0)
+    encoders = [_TinyEncoder().eval() for _ in range(2)]
+    seqs = [[torch.randn(8, 5, 6) for _ in range(2)] for _ in encoders]
+    merged = tm.merge(encoders, method="average", data=seqs, align=None, correction="affine+tune")
+    experts, data = _setting()
+    mlp = tm.merge(experts, method="average", data=data, align=None, correction="affine+tune")
+    fixed = _merge(experts, data, tune_steps=4)
+    assert [m.info["calibration"]["tune_steps"] for m in (merged, mlp, fixed)] == [7, 3, 4]
+
+
+def test_tune_learning_rate_is_constant_then_falls_over_the_last_fifth(monkeypatch):
+    """Adam's rate at each of 10 steps: tune_lr for 8, then 2 steps of a linear fall (lr·2/2, lr·1/2)."""
+    rates = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    experts, data = _setting()
+    _merge(experts[:1], data[:1], tune_steps=10, tune_lr=0.1)
+    assert rates == pytest.approx([0.1] * 9 + [0.05])

@@ -50,7 +50,7 @@ BUILDS = ("auto", "graph", "inject")
 DATA_METHODS = ("regmean", "fisher", "mats", "pleas")
 #: tm.calibrate's keyword options and what each must be (``calibration=`` of tm.merge).
 CALIBRATION_OPTIONS = {
-    "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "an int >= 0",
+    "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "\"auto\" or an int >= 0",
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
     "tune_rank": "\"auto\" or an int >= 0", "progress": "True, False or None",
 }
@@ -378,16 +378,21 @@ def _option_dict(name: str, options, valid: Mapping, own: Mapping, example: str)
     return dict(options)
 
 
+def _count(value) -> bool:
+    """An int >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def check_calibration_values(options: Mapping) -> None:
     """Types and ranges of tm.calibrate's options (``eps`` must be finite and > 0, ...)."""
     checks = {
         "passes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "eps": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
-        "tune_steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "tune_steps": lambda v: v == "auto" or _count(v),
         "tune_lr": lambda v: _is_number(v) and math.isfinite(v) and v > 0,
         "tune_loss": lambda v: v in ("kl", "mse"),
         "tune_heads": lambda v: isinstance(v, bool),
-        "tune_rank": lambda v: (isinstance(v, str) and v == "auto") or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "tune_rank": lambda v: v == "auto" or _count(v),
         "progress": lambda v: v is None or isinstance(v, bool),
     }
     for key, value in options.items():
