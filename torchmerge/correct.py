@@ -538,8 +538,9 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
     ``expert``'s outputs.
 
     The learning rate is ``lr``, falling linearly to zero over the last
-    :data:`TUNE_DECAY_FRACTION` of the steps (:func:`tune_lr_factor`). No labels are used. ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K];
-    ``"mse"``: mean squared error for any output. Returns the mean loss of the last 10 steps.
+    :data:`TUNE_DECAY_FRACTION` of the steps (:func:`tune_lr_factor`). No labels are used.
+    ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K]; ``"mse"``: mean
+    squared error for any output. Returns the mean loss of the last 10 steps.
     """
     t = merged.task_index(task)
     params = [p for site in merged.sites().values() for p in (site.scale, site.shift, site.down, site.up)
@@ -649,5 +650,5 @@ def _only_trainable(model, params):
             p.requires_grad_(flag)
 
 
-__all__ = ["calibrate", "MODES", "AUTO_TUNE_RANK", "AUTO_TUNE_STEPS", "TUNE_DECAY_FRACTION", "tune_lr_factor", "expert_moments", "merged_moments", "site_moments", "affine_fit",
-           "tune", "logits_of", "observing"]
+__all__ = ["calibrate", "MODES", "AUTO_TUNE_RANK", "AUTO_TUNE_STEPS", "TUNE_DECAY_FRACTION", "expert_moments",
+           "merged_moments", "site_moments", "affine_fit", "tune", "tune_lr_factor", "logits_of", "observing"]
