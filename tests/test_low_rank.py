@@ -276,7 +276,8 @@ def test_tune_runs_the_expert_once_per_batch_and_matches_recomputing(monkeypatch
     calls.clear()
     recomputed = _merge(experts, data, tune_steps=12)
     hook.remove()
-    assert len(calls) - n_kept == 12 - len(data[0])  # tuning task 0: 3 runs instead of 12
+    # tuning task 0: 3 runs instead of 12 steps + 2 · 3 (the loss over the batches before and after)
+    assert len(calls) - n_kept == 12 + 2 * len(data[0]) - len(data[0])
     a, b = kept.state_dict(), recomputed.state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
@@ -308,3 +309,23 @@ def test_tune_learning_rate_is_constant_then_falls_over_the_last_fifth(monkeypat
     experts, data = _setting()
     _merge(experts[:1], data[:1], tune_steps=10, tune_lr=0.1)
     assert rates == pytest.approx([0.1] * 9 + [0.05])
+
+
+def test_tuning_that_raises_the_loss_is_undone_with_a_warning():
+    """A rate far too high diverges: the task's rows go back to the affine fit (= the plain
+    affine merge, bit for bit), a warning says so, and the report records it; a sane rate lowers
+    the loss over the batches, measured here by an independent KL."""
+    experts, data = _setting()
+    affine = tm.merge(experts, method="average", data=data, align=None, correction="affine").eval()
+    with pytest.warns(UserWarning, match=r"tuning task 'task0' did not lower .* put back .*try a lower tune_lr"):
+        diverged = _merge(experts, data, tune_lr=1e4, tune_rank=0)
+    a, b = diverged.state_dict(), affine.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    report = diverged.info["calibration"]["tasks"]["task0"]
+    assert report["tune_restored"] is True and not report["tune_loss"] < report["tune_loss_before"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuned = _merge(experts, data, tune_rank=0)
+    report = tuned.info["calibration"]["tasks"]["task0"]
+    assert report["tune_restored"] is False and report["tune_loss"] < report["tune_loss_before"]
+    assert _kl(tuned, experts, data) < _kl(affine, experts, data)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import warnings
 
 import torch
 import torch.fx as fx
@@ -149,9 +150,11 @@ def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected,
             for t, (expert, batches) in enumerate(zip(experts, data)):
                 if batches is not None:
                     with stage(f"calibrate {mode}: {merged.task_names[t]} tune"):
-                        loss = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr,
-                                    loss=tune_loss, heads=tune_heads, max_batches=max_batches)
-                    report["tasks"][merged.task_names[t]]["tune_loss"] = loss
+                        losses = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr,
+                                      loss=tune_loss, heads=tune_heads, max_batches=max_batches)
+                    report["tasks"][merged.task_names[t]].update(
+                        tune_loss_before=losses["before"], tune_loss=losses["after"],
+                        tune_restored=losses["restored"])
     merged.info = {**getattr(merged, "info", {}), "calibration": report}
     return report
 
@@ -533,14 +536,17 @@ class _Interleaved:
 
 
 def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=False,
-         max_batches=None) -> float:
+         max_batches=None) -> dict:
     """Adam steps on task ``task``'s affine rows (and low-rank maps, and head) distilling
     ``expert``'s outputs.
 
     The learning rate is ``lr``, falling linearly to zero over the last
     :data:`TUNE_DECAY_FRACTION` of the steps (:func:`tune_lr_factor`). No labels are used.
     ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K]; ``"mse"``: mean
-    squared error for any output. Returns the mean loss of the last 10 steps.
+    squared error for any output. Returns ``{"before", "after", "restored"}``: the mean loss over
+    the batches before and after the steps; when the steps did not lower it (a rate too high
+    for these parameters diverges), the parameters are put back as they were, with a warning,
+    and ``"restored"`` is True.
     """
     t = merged.task_index(task)
     params = [p for site in merged.sites().values() for p in (site.scale, site.shift, site.down, site.up)
@@ -550,24 +556,45 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
     device = _device(merged)
     batches_list = list(iter_calls(batches, max_batches, device))
     if not batches_list or steps <= 0:
-        return float("nan")
+        return {"before": float("nan"), "after": float("nan"), "restored": False}
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: tune_lr_factor(step, steps))
-    losses = []
-    targets = _Targets(expert, len(batches_list), steps)
-    with _only_trainable(merged, params), _mode([merged, expert], False), torch.enable_grad():
-        for step in bar(range(steps), "tune steps"):
-            i = step % len(batches_list)
-            x = batches_list[i]
-            target = targets(i, x)
-            out = logits_of(_call(merged, x, task=t))
-            value = _distill(out, target.to(out), loss)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(float(value.detach()))
-    return sum(losses[-10:]) / len(losses[-10:])
+    targets = _Targets(expert, len(batches_list), steps + 2 * len(batches_list))  # + the two checks
+    saved = [p.detach().clone() for p in params]
+    with _only_trainable(merged, params), _mode([merged, expert], False):
+        before = _mean_loss(merged, t, batches_list, targets, loss)
+        with torch.enable_grad():
+            for step in bar(range(steps), "tune steps"):
+                i = step % len(batches_list)
+                x = batches_list[i]
+                out = logits_of(_call(merged, x, task=t))
+                value = _distill(out, targets(i, x).to(out), loss)
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                schedule.step()
+        after = _mean_loss(merged, t, batches_list, targets, loss)
+    restored = not after < before  # NaN too
+    if restored:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+        warnings.warn(f"tuning task {merged.task_names[t]!r} did not lower its distillation loss "
+                      f"({before:.4g} before {steps} steps at tune_lr={lr:g}, {after:.4g} after), so its "
+                      "parameters are put back as they were before tuning: there was little left to "
+                      "gain, or the rate is too high for them (try a lower tune_lr)",
+                      stacklevel=2)
+    return {"before": before, "after": after, "restored": restored}
+
+
+@torch.no_grad()
+def _mean_loss(merged, t, batches_list, targets, loss) -> float:
+    """The distillation loss of task ``t``, mean over the batches."""
+    total = 0.0
+    for i, x in enumerate(batches_list):
+        out = logits_of(_call(merged, x, task=t))
+        total += float(_distill(out, targets(i, x).to(out), loss))
+    return total / len(batches_list)
 
 
 def tune_lr_factor(step: int, steps: int) -> float:
