@@ -208,7 +208,7 @@ CASES = {
     "names-int": (_with(task_names=5), TypeErr, ["task_names is a int"]),
     "calibration-foo": (_with(calibration={"foo": 1}), ArgErr,
                         ["unknown calibration option 'foo'",
-                         "valid keys: passes, eps, tune_steps, tune_lr, tune_loss, tune_heads, tune_rank, progress"]),
+                         "valid keys: passes, eps, tune_steps, tune_lr, tune_loss, tune_heads, tune_rank, tune_holdout, progress"]),
     "calibration-own": (_with(calibration={"max_batches": 2}), ArgErr,
                         ["pass max_batches= to tm.merge itself"]),
     "calibration-list": (_with(calibration=[1]), TypeErr, ["calibration is a list", "valid keys"]),

@@ -329,3 +329,40 @@ def test_tuning_that_raises_the_loss_is_undone_with_a_warning():
     report = tuned.info["calibration"]["tasks"]["task0"]
     assert report["tune_restored"] is False and report["tune_loss"] < report["tune_loss_before"]
     assert _kl(tuned, experts, data) < _kl(affine, experts, data)
+
+
+def test_holdout_keeps_the_parameters_best_on_the_held_out_batches(monkeypatch):
+    """tune_holdout=1: tuned on the first 2 of 3 batches, the third watched before and after every
+    pass (every 2 steps); the task keeps the parameters of the lowest watched loss, and its KL on
+    the held-out batch, computed here with plain torch, is that loss."""
+    experts, data = _setting()
+    seen = []
+    mean_loss = tm.correct._mean_loss
+
+    def recording(merged, t, batches, targets, loss, indices):
+        value = mean_loss(merged, t, batches, targets, loss, indices)
+        if t == 0:
+            seen.append((list(indices), value))
+        return value
+
+    monkeypatch.setattr(tm.correct, "_mean_loss", recording)
+    merged = _merge(experts, data, tune_steps=12, tune_lr=0.3, tune_holdout=1)
+    assert len(seen) == 1 + 6 and all(indices == [2] for indices, _ in seen)
+    losses = [value for _, value in seen]
+    best = min(range(len(losses)), key=lambda k: (losses[k], k))
+    report = merged.info["calibration"]["tasks"]["task0"]
+    assert report["tune_best_step"] == 2 * best and report["tune_loss"] == losses[best]
+    assert report["tune_loss_before"] == losses[0] and report["tune_restored"] == (best != 6)
+    x = data[0][2]
+    with torch.no_grad():
+        held_out = torch.nn.functional.kl_div(merged(x, task=0).log_softmax(-1), experts[0](x).log_softmax(-1),
+                                              log_target=True, reduction="batchmean")
+    assert float(held_out) == pytest.approx(losses[best], rel=1e-5)
+
+
+def test_holdout_needs_a_batch_left_to_tune_on():
+    experts, data = _setting()
+    with pytest.raises(tm.TorchMergeError, match=r"tune_holdout=3 holds out every batch of task 'task0' \(3 batches\)"):
+        _merge(experts, data, tune_holdout=3)
+    with pytest.raises(tm.TorchMergeError, match="tune_holdout must be an int >= 0"):
+        _merge(experts, data, tune_holdout=-1)

@@ -80,7 +80,8 @@ TUNE_DECAY_FRACTION = 0.2
 def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
               allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
               tune_steps="auto", tune_lr: float = 1e-2, tune_loss: str = "kl",
-              tune_heads: bool = False, tune_rank="auto", progress: bool | None = None) -> dict:
+              tune_heads: bool = False, tune_rank="auto", tune_holdout: int = 0,
+              progress: bool | None = None) -> dict:
     """Fit ``merged``'s TaskAffine sites in place; return a report (also in ``merged.info``).
 
     ``experts``: one per task — the experts given to ``tm.merge`` (permuted here into the merged
@@ -94,10 +95,12 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
     :data:`AUTO_TUNE_RANK` when the experts are transformers, else none (the report's
     ``"low_rank"`` gives the rank and the parameters per task). ``tune_steps``: Adam steps per
     task; ``"auto"``: :data:`AUTO_TUNE_STEPS` (600 for transformers, 100 otherwise; the report's
-    ``"tune_steps"`` gives the number used).
+    ``"tune_steps"`` gives the number used). ``tune_holdout=k``: the last ``k`` batches of each
+    task are not tuned on but watched — after every pass over the others the task keeps the
+    parameters with the lowest loss on them (early stopping, against overfitting few batches).
     """
     options = dict(passes=passes, eps=eps, tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
-                   tune_heads=tune_heads, tune_rank=tune_rank, progress=progress)
+                   tune_heads=tune_heads, tune_rank=tune_rank, tune_holdout=tune_holdout, progress=progress)
     experts, data, permuted = validate.calibrate_arguments(merged, experts, data, mode, max_batches,
                                                            allow_uncorrected, options)
     defaults = {k: p.default for k, p in inspect.signature(calibrate).parameters.items()}
@@ -112,17 +115,18 @@ def calibrate(merged, experts, data, mode: str = "affine", *, max_batches=None,
 def fit_affines(merged, experts, data, mode: str = "affine", *, max_batches=None,
                 allow_uncorrected: bool = False, passes: int = 2, eps: float = 1e-5,
                 tune_steps="auto", tune_lr: float = 1e-2, tune_loss: str = "kl",
-                tune_heads: bool = False, tune_rank="auto", progress: bool | None = None) -> dict:
+                tune_heads: bool = False, tune_rank="auto", tune_holdout: int = 0,
+                progress: bool | None = None) -> dict:
     """:func:`calibrate` on checked arguments and aligned experts (what ``tm.merge`` calls)."""
     with using(progress):
         return _fit_affines(merged, experts, data, mode, max_batches=max_batches,
                             allow_uncorrected=allow_uncorrected, passes=passes, eps=eps,
                             tune_steps=tune_steps, tune_lr=tune_lr, tune_loss=tune_loss,
-                            tune_heads=tune_heads, tune_rank=tune_rank)
+                            tune_heads=tune_heads, tune_rank=tune_rank, tune_holdout=tune_holdout)
 
 
 def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected, passes, eps,
-                 tune_steps, tune_lr, tune_loss, tune_heads, tune_rank) -> dict:
+                 tune_steps, tune_lr, tune_loss, tune_heads, tune_rank, tune_holdout) -> dict:
     experts, data = list(experts), list(data) if data is not None else [None] * merged.num_tasks
     missing = [merged.task_names[t] for t, d in enumerate(data) if d is None]
     if missing and not allow_uncorrected:
@@ -151,10 +155,11 @@ def _fit_affines(merged, experts, data, mode, *, max_batches, allow_uncorrected,
                 if batches is not None:
                     with stage(f"calibrate {mode}: {merged.task_names[t]} tune"):
                         losses = tune(merged, expert, batches, t, steps=tune_steps, lr=tune_lr,
-                                      loss=tune_loss, heads=tune_heads, max_batches=max_batches)
+                                      loss=tune_loss, heads=tune_heads, max_batches=max_batches,
+                                      holdout=tune_holdout)
                     report["tasks"][merged.task_names[t]].update(
                         tune_loss_before=losses["before"], tune_loss=losses["after"],
-                        tune_restored=losses["restored"])
+                        tune_restored=losses["restored"], tune_best_step=losses["best_step"])
     merged.info = {**getattr(merged, "info", {}), "calibration": report}
     return report
 
@@ -536,17 +541,20 @@ class _Interleaved:
 
 
 def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=False,
-         max_batches=None) -> dict:
+         max_batches=None, holdout: int = 0) -> dict:
     """Adam steps on task ``task``'s affine rows (and low-rank maps, and head) distilling
     ``expert``'s outputs.
 
     The learning rate is ``lr``, falling linearly to zero over the last
     :data:`TUNE_DECAY_FRACTION` of the steps (:func:`tune_lr_factor`). No labels are used.
     ``loss="kl"``: KL(softmax(expert) ‖ softmax(merged)) on logits [B, K]; ``"mse"``: mean
-    squared error for any output. Returns ``{"before", "after", "restored"}``: the mean loss over
-    the batches before and after the steps; when the steps did not lower it (a rate too high
-    for these parameters diverges), the parameters are put back as they were, with a warning,
-    and ``"restored"`` is True.
+    squared error for any output. Returns ``{"before", "after", "restored", "best_step"}``: the
+    mean loss over the batches before the steps and for the parameters kept. Those are the last
+    step's, unless the steps did not lower the loss (a rate too high for these parameters
+    diverges): then they are put back as they were, with a warning, and ``"restored"`` is True.
+    ``holdout=k``: the last ``k`` batches are not tuned on; the loss on them is measured before,
+    after each pass over the others and at the end, and the parameters with the lowest are kept
+    (``"best_step"``; ``"before"``/``"after"`` are held-out losses then).
     """
     t = merged.task_index(task)
     params = [p for site in merged.sites().values() for p in (site.scale, site.shift, site.down, site.up)
@@ -556,16 +564,28 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
     device = _device(merged)
     batches_list = list(iter_calls(batches, max_batches, device))
     if not batches_list or steps <= 0:
-        return {"before": float("nan"), "after": float("nan"), "restored": False}
+        return {"before": float("nan"), "after": float("nan"), "restored": False, "best_step": 0}
+    if not validate._count(holdout):
+        raise TorchMergeError(f"holdout must be an int >= 0 (batches held out of the tuning), got {holdout!r}")
+    if holdout >= len(batches_list):
+        raise TorchMergeError(f"tune_holdout={holdout} holds out every batch of task "
+                              f"{merged.task_names[t]!r} ({len(batches_list)} batches): hold out fewer, "
+                              "or give more batches (max_batches=)")
+    trained = range(len(batches_list) - holdout)
+    watched = range(len(batches_list) - holdout, len(batches_list)) if holdout else trained
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: tune_lr_factor(step, steps))
-    targets = _Targets(expert, len(batches_list), steps + 2 * len(batches_list))  # + the two checks
-    saved = [p.detach().clone() for p in params]
+    targets = _Targets(expert, len(batches_list), steps + 2 * len(batches_list))  # + the checks
+
+    def watched_loss():
+        return _mean_loss(merged, t, batches_list, targets, loss, watched)
+
     with _only_trainable(merged, params), _mode([merged, expert], False):
-        before = _mean_loss(merged, t, batches_list, targets, loss)
+        before = watched_loss()
+        best = (before, 0, [p.detach().clone() for p in params])  # (loss, step, parameters)
         with torch.enable_grad():
             for step in bar(range(steps), "tune steps"):
-                i = step % len(batches_list)
+                i = trained[step % len(trained)]
                 x = batches_list[i]
                 out = logits_of(_call(merged, x, task=t))
                 value = _distill(out, targets(i, x).to(out), loss)
@@ -573,28 +593,38 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
                 value.backward()
                 optimizer.step()
                 schedule.step()
-        after = _mean_loss(merged, t, batches_list, targets, loss)
-    restored = not after < before  # NaN too
-    if restored:
+                if holdout and ((step + 1) % len(trained) == 0 or step + 1 == steps):
+                    best = _better_of(best, watched_loss(), step + 1, params)
+        if not holdout:
+            best = _better_of(best, watched_loss(), steps, params)
+    after, best_step, kept = best
+    if best_step != steps:
         with torch.no_grad():
-            for p, value in zip(params, saved):
+            for p, value in zip(params, kept):
                 p.copy_(value)
+    if best_step == 0:
         warnings.warn(f"tuning task {merged.task_names[t]!r} did not lower its distillation loss "
-                      f"({before:.4g} before {steps} steps at tune_lr={lr:g}, {after:.4g} after), so its "
-                      "parameters are put back as they were before tuning: there was little left to "
-                      "gain, or the rate is too high for them (try a lower tune_lr)",
-                      stacklevel=2)
-    return {"before": before, "after": after, "restored": restored}
+                      f"({'held-out ' if holdout else ''}{before:.4g} before {steps} steps at tune_lr={lr:g}), "
+                      "so its parameters are put back as they were before tuning: there was little left "
+                      "to gain, or the rate is too high for them (try a lower tune_lr)", stacklevel=2)
+    return {"before": before, "after": after, "restored": best_step != steps, "best_step": best_step}
+
+
+def _better_of(best, loss: float, step: int, params) -> tuple:
+    """``best`` or, when ``loss`` is lower (NaN never is), ``(loss, step, a copy of params)``."""
+    if loss < best[0] or (loss == loss and best[0] != best[0]):
+        return loss, step, [p.detach().clone() for p in params]
+    return best
 
 
 @torch.no_grad()
-def _mean_loss(merged, t, batches_list, targets, loss) -> float:
-    """The distillation loss of task ``t``, mean over the batches."""
+def _mean_loss(merged, t, batches_list, targets, loss, indices) -> float:
+    """The distillation loss of task ``t``, mean over the batches at ``indices``."""
     total = 0.0
-    for i, x in enumerate(batches_list):
-        out = logits_of(_call(merged, x, task=t))
-        total += float(_distill(out, targets(i, x).to(out), loss))
-    return total / len(batches_list)
+    for i in indices:
+        out = logits_of(_call(merged, batches_list[i], task=t))
+        total += float(_distill(out, targets(i, batches_list[i]).to(out), loss))
+    return total / len(indices)
 
 
 def tune_lr_factor(step: int, steps: int) -> float:

@@ -52,7 +52,8 @@ DATA_METHODS = ("regmean", "fisher", "mats", "pleas")
 CALIBRATION_OPTIONS = {
     "passes": "an int >= 1", "eps": "a finite number > 0", "tune_steps": "\"auto\" or an int >= 0",
     "tune_lr": "a finite number > 0", "tune_loss": "'kl' or 'mse'", "tune_heads": "a bool",
-    "tune_rank": "\"auto\" or an int >= 0", "progress": "True, False or None",
+    "tune_rank": "\"auto\" or an int >= 0", "tune_holdout": "an int >= 0",
+    "progress": "True, False or None",
 }
 #: tm.align's tuning options and what each must be (``alignment=`` of tm.merge).
 ALIGNMENT_OPTIONS = {"max_iter": "an int >= 1", "probes_per_group": "an int >= 1"}
@@ -393,11 +394,12 @@ def check_calibration_values(options: Mapping) -> None:
         "tune_loss": lambda v: v in ("kl", "mse"),
         "tune_heads": lambda v: isinstance(v, bool),
         "tune_rank": lambda v: v == "auto" or _count(v),
+        "tune_holdout": _count,
         "progress": lambda v: v is None or isinstance(v, bool),
     }
     for key, value in options.items():
         if key in checks and not checks[key](value):
-            ints = key in ("passes", "tune_steps", "tune_rank")
+            ints = key in ("passes", "tune_steps", "tune_rank", "tune_holdout")
             right_type = (isinstance(value, int) and not isinstance(value, bool) if ints
                           else _is_number(value) if key in ("eps", "tune_lr")
                           else isinstance(value, str) if key == "tune_loss" else False)
