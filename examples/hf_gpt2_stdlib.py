@@ -18,15 +18,15 @@ The language-model counterpart of ``examples/hf_vit_mnist.py``:
   task is evaluated as ``merged.set_task(t); merged(input_ids=x, labels=x).loss``; the
   ``affine+tune`` rows distil each expert into its task's correction — affines alone
   (``tune_rank=0``), with rank-8 low-rank maps at every site and 600 steps (the defaults on
-  transformers), 100 steps, the LM heads too, rank 16 (``--quick``: 100 steps); PLeaS rows (``method="pleas"``, widths 1, 1.5 and 2:
-  only the MLPs can widen) need no correction.
+  transformers), 100 steps, the LM heads too, rank 16 (``--quick``: 100 steps); PLeaS rows
+  (``method="pleas"``, widths 1, 1.5 and 2: only the MLPs can widen) need no correction.
 
 Metric: perplexity on each task's held-out windows; *normalized* = mean over tasks of expert
 perplexity / merged perplexity (1.0: as good as each task's own expert). The pretraining of each
 task's lineage is a reference row: a merge worse than it has lost what the fine-tuning added.
 
 Printed and written to ``--out`` (JSON). Run: python examples/hf_gpt2_stdlib.py [--quick]
-[--out hf-gpt2-demo/results.json] (needs transformers; about 14 min on two CPU threads — the
+[--out hf-gpt2-demo/results.json] (needs transformers; about 15 min on two CPU threads — the
 600-step tuning rows, PLeaS and activation matching are the slow ones —, ``--quick`` about 1 min)
 """
 from __future__ import annotations

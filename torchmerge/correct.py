@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import math
 import warnings
 
 import torch
@@ -575,7 +576,7 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
     watched = range(len(batches_list) - holdout, len(batches_list)) if holdout else trained
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: tune_lr_factor(step, steps))
-    targets = _Targets(expert, len(batches_list), steps + 2 * len(batches_list))  # + the checks
+    targets = _Targets(expert, len(batches_list))
 
     def watched_loss():
         return _mean_loss(merged, t, batches_list, targets, loss, watched)
@@ -593,10 +594,10 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
                 value.backward()
                 optimizer.step()
                 schedule.step()
-                if holdout and ((step + 1) % len(trained) == 0 or step + 1 == steps):
+                if holdout and (step + 1) % len(trained) == 0 and step + 1 < steps:
                     best = _better_of(best, watched_loss(), step + 1, params)
-        if not holdout:
-            best = _better_of(best, watched_loss(), steps, params)
+        last = watched_loss()  # the parameters as they are: kept without a copy when best
+        best = (last, steps, None) if _lower(last, best[0]) else best
     after, best_step, kept = best
     if best_step != steps:
         with torch.no_grad():
@@ -611,10 +612,13 @@ def tune(merged, expert, batches, task, *, steps=100, lr=1e-2, loss="kl", heads=
 
 
 def _better_of(best, loss: float, step: int, params) -> tuple:
-    """``best`` or, when ``loss`` is lower (NaN never is), ``(loss, step, a copy of params)``."""
-    if loss < best[0] or (loss == loss and best[0] != best[0]):
-        return loss, step, [p.detach().clone() for p in params]
-    return best
+    """``best`` or, when ``loss`` is lower, ``(loss, step, a copy of params)``."""
+    return (loss, step, [p.detach().clone() for p in params]) if _lower(loss, best[0]) else best
+
+
+def _lower(loss: float, than: float) -> bool:
+    """``loss < than``, where NaN is never lower and anything finite is lower than NaN."""
+    return not math.isnan(loss) and (loss < than or math.isnan(than))
 
 
 @torch.no_grad()
@@ -647,10 +651,12 @@ TARGET_CACHE_BYTES = 256 * 2 ** 20
 class _Targets:
     """The expert's logits per batch: each batch's computed once and kept while they all fit in
     :data:`TARGET_CACHE_BYTES` (the expert is in eval mode, so they are the same on every pass;
-    600 steps over 16 batches run the expert 16 times instead of 600), recomputed otherwise."""
+    600 steps over 16 batches, and the loss checks before and after, run the expert 16 times
+    instead of 632), recomputed otherwise. Every batch is used at least twice (a step and a
+    check), so keeping always pays."""
 
-    def __init__(self, expert, batches: int, steps: int):
-        self.expert, self.batches, self.reuse = expert, batches, steps > batches
+    def __init__(self, expert, batches: int):
+        self.expert, self.batches = expert, batches
         self.kept = {}
 
     def __call__(self, i: int, x: Inputs) -> torch.Tensor:
@@ -658,7 +664,7 @@ class _Targets:
             return self.kept[i]
         with torch.no_grad():
             target = logits_of(x.to(_device(self.expert))(self.expert))
-        if self.reuse and target.numel() * target.element_size() * self.batches <= TARGET_CACHE_BYTES:
+        if target.numel() * target.element_size() * self.batches <= TARGET_CACHE_BYTES:
             self.kept[i] = target
         return target
 
